@@ -1,0 +1,130 @@
+"""Configuration dataclasses for InstaGAN.
+
+Frozen dataclasses with plain-dict round trips: Ray Tune and Ray Train hand the worker a dict, and the
+resolved config is written to the run folder as JSON. Unknown keys are an error that names the key.
+
+    cfg = Config.from_dict({"model": {"ngf": 16}, "train": {"ins_per": 2}})
+    cfg.to_dict()  # nested plain dict, JSON-serialisable
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    ngf: int = 64  # generator base width (paper and ref: 64)
+    ndf: int = 64  # discriminator base width (paper and ref: 64)
+    n_blocks: int = 9  # residual blocks in each generator encoder (ref passes 9 to the set generator)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lambda_cyc: float = 10.0  # cycle loss weight (paper and ref: 10)
+    lambda_idt: float = 10.0  # identity loss weight (paper: 10; ref: 10 * 1.0)
+    lambda_ctx: float = 10.0  # context-preserving loss weight (paper: 10; ref: 10 * 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr_g: float = 2e-4  # Adam lr of both generators (paper 2e-4)
+    lr_d: float = 1e-4  # Adam lr of both discriminators (paper 1e-4; ref uses 2e-4)
+    beta1: float = 0.5  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
+    epochs: int = 100  # epochs at constant lr (paper COCO: 100)
+    epochs_decay: int = 100  # epochs of linear decay to 0 after that (paper COCO: 100)
+    ins_max: int = 4  # at most this many instances per image are used, largest first (ref train: 4)
+    ins_per: int = 2  # instances per sequential chunk (ref: 2)
+    pool_size: int = 50  # history pool of generated samples shown to D (CycleGAN image pool)
+    batch_size: int = 1  # images per domain per step on one worker
+    seed: int = 0  # seeds weights, pools and data order
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # Parquet data set written by data_prep (<root>/<split>/<a|b>/part-*.parquet); "" = generated
+    split: str = "train"  # split to train on
+    size: int = 200  # crop size fed to the networks (paper COCO 200); must be divisible by 4
+    load_size: int = 220  # images are resized to this before the random crop (about 10% larger)
+    flip: bool = True  # random horizontal flip (same for image and masks)
+
+
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) in '{where}': {', '.join(unknown)} (known: {', '.join(known)})")
+    out = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        try:
+            if isinstance(default, bool):
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    value = value.lower() in ("true", "1", "yes")
+                value = bool(value)
+            elif isinstance(default, int):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            elif isinstance(default, str):
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key '{where}.{name}' expects {type(default).__name__}, got {value!r}") from None
+        out[name] = value
+    return cls(**out)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        t, d = self.train, self.data
+        if t.ins_per < 1 or t.ins_max < 1:
+            raise ValueError(f"ins_per ({t.ins_per}) and ins_max ({t.ins_max}) must be >= 1")
+        if t.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {t.batch_size}")
+        if d.size % 4 != 0 or d.size < 32:
+            raise ValueError(f"data.size must be a multiple of 4 and >= 32, got {d.size}")
+        if d.load_size < d.size:
+            raise ValueError(f"data.load_size ({d.load_size}) must be >= data.size ({d.size})")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "Config":
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
+        return cls(**{k: _section_from_dict(c, values.get(k, {}), k) for k, c in _SECTIONS.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """Override by dotted keys: cfg.replace(**{"train.ins_per": 1})."""
+        values = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if section not in values or not name:
+                raise ValueError(f"unknown config key '{key}' (use section.name, sections: {', '.join(_SECTIONS)})")
+            values[section][name] = value
+        return Config.from_dict(values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,90 @@
+"""Instance-mask conventions and helpers: ordering by area, chunking, union, context weight.
+
+Conventions, used everywhere in `instagan`:
+- masks: float tensor (B, N, H, W) in [-1, 1]; +1 marks the instance, -1 background (the authors' convention,
+  and the range of the generator's tanh output).
+- valid: bool tensor (B, N); False marks a padding slot. A padding slot is ignored by every network and loss
+  and comes out of the generator as an all -1 (empty) mask. Padding is never mistaken for an instance,
+  whatever its pixel values.
+- Within an image, instances are ordered by decreasing area with valid slots first (`sort_by_area`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def areas(masks: Tensor, valid: Tensor) -> Tensor:
+    """Pixel count of each instance, 0 for padding. (B, N, H, W), (B, N) -> (B, N) int64."""
+    return ((masks > 0).sum(dim=(-1, -2)) * valid).long()
+
+
+def sort_by_area(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Order each image's instances by decreasing area, padding last (stable for ties).
+
+    (B, N, H, W), (B, N) -> (masks, valid, order) where order (B, N) holds the source slot of each output slot.
+    """
+    key = areas(masks, valid).masked_fill(~valid, -1)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    idx = order[:, :, None, None].expand_as(masks)
+    return masks.gather(1, idx), valid.gather(1, order), order
+
+
+def limit(masks: Tensor, valid: Tensor, ins_max: int) -> tuple[Tensor, Tensor]:
+    """Keep the first `ins_max` slots (the largest instances after `sort_by_area`)."""
+    return masks[:, :ins_max], valid[:, :ins_max]
+
+
+def num_chunks(valid: Tensor, ins_per: int) -> int:
+    """Chunks of `ins_per` needed to cover the image with the most valid instances (>= 1).
+
+    This is the count a data-parallel job must agree on (all-reduce max) before a step: every rank then runs the
+    same number of chunk steps. Valid slots must come first in each row (as `sort_by_area` leaves them).
+    """
+    most = int(valid.sum(dim=1).max()) if valid.numel() else 0
+    return max(1, -(-most // ins_per))
+
+
+def chunk(masks: Tensor, valid: Tensor, m: int, ins_per: int) -> tuple[Tensor, Tensor]:
+    """Chunk m: slots [m * ins_per, (m + 1) * ins_per), padded with invalid empty slots to exactly `ins_per`.
+
+    (B, N, H, W), (B, N) -> (B, ins_per, H, W), (B, ins_per). A fixed width keeps loss denominators equal to the
+    authors' (they always feed ins_per channels, empty ones at -1).
+    """
+    part_m, part_v = masks[:, m * ins_per:(m + 1) * ins_per], valid[:, m * ins_per:(m + 1) * ins_per]
+    short = ins_per - part_v.shape[1]
+    if short > 0:
+        b, _, h, w = masks.shape
+        part_m = torch.cat([part_m, masks.new_full((b, short, h, w), -1.0)], dim=1)
+        part_v = torch.cat([part_v, valid.new_zeros((b, short))], dim=1)
+    return part_m, part_v
+
+
+def union(masks: Tensor, valid: Tensor) -> Tensor:
+    """Soft union of the valid instances in [0, 1]: clamp(sum((m + 1) / 2)). (B, N, H, W) -> (B, 1, H, W)."""
+    fg = (masks + 1) / 2 * valid[:, :, None, None].to(masks.dtype)
+    return fg.sum(dim=1, keepdim=True).clamp(0, 1)
+
+
+def context_weight(masks: Tensor, valid: Tensor, out_masks: Tensor, out_valid: Tensor) -> Tensor:
+    """Weight of the context-preserving loss: 1 where a pixel is background in both the original and the
+    translated masks, 0 where either marks an instance (soft in between, as in the authors' code).
+
+    (B, N, H, W), (B, N), (B, M, H, W), (B, M) -> (B, 1, H, W).
+    """
+    return 1 - union(torch.cat([masks, out_masks], 1), torch.cat([valid, out_valid], 1))
+
+
+def collate(samples: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Stack (image, masks) samples with different instance counts: pad to the largest count with invalid empty
+    slots and order each image's instances by decreasing area. -> {"img", "masks", "valid"}."""
+    n = max(1, max(m.shape[0] for _, m in samples))
+    h, w = samples[0][0].shape[-2:]
+    masks = torch.full((len(samples), n, h, w), -1.0)
+    valid = torch.zeros(len(samples), n, dtype=torch.bool)
+    for i, (_, m) in enumerate(samples):
+        masks[i, :m.shape[0]] = m
+        valid[i, :m.shape[0]] = True
+    masks, valid, _ = sort_by_area(masks, valid)
+    return {"img": torch.stack([x for x, _ in samples]), "masks": masks, "valid": valid}

@@ -1,0 +1,172 @@
+"""InstaGAN's set-aware generator and discriminator (Mo, Cho, Shin, ICLR 2019; DESIGN.md section 2).
+
+    G = SetGenerator()                       # ngf 64, 9 residual blocks: 26,815,108 parameters
+    img_out, masks_out = G(img, masks, valid)
+    D = SetDiscriminator()                   # ndf 64, spectral norm on every conv: 9,721,729 parameters
+    scores = D(img, masks, valid)            # (B, 1, h, w) PatchGAN scores
+
+Mask conventions are in `instagan.masks` (masks in [-1, 1], `valid` marks real instances). Unlike the authors'
+code, which sums the set feature over the whole batch (so it only works at batch size 1) and loops over
+instances in Python, all valid instances of the batch go through the mask networks in one call and each image's
+set feature is the sum over its own instances only (`index_add_`). Instance norm is per sample, so an instance's
+features never depend on other instances or other images.
+
+Every parameter takes part in every forward, even when a batch holds no instance at all (one empty mask is then
+encoded with weight 0): data-parallel training needs no `find_unused_parameters`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def _init_weights(module: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases for every conv (the authors' 'normal' init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_in_relu(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, pad), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad, conv 3x3, IN, ReLU, pad, conv 3x3, IN](x) with reflection padding."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), *_conv_in_relu(dim, dim, 3),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def _encoder(cin: int, ngf: int, n_blocks: int) -> nn.Sequential:
+    """(B, cin, H, W) -> (B, 4 ngf, H/4, W/4)."""
+    layers = [nn.ReflectionPad2d(3), *_conv_in_relu(cin, ngf, 7)]
+    layers += _conv_in_relu(ngf, 2 * ngf, 3, stride=2, pad=1) + _conv_in_relu(2 * ngf, 4 * ngf, 3, stride=2, pad=1)
+    layers += [ResnetBlock(4 * ngf) for _ in range(n_blocks)]
+    return nn.Sequential(*layers)
+
+
+def _decoder(cin: int, cout: int) -> nn.Sequential:
+    """(B, cin, h, w) -> (B, cout, 4h, 4w) in [-1, 1]: two stride-2 transposed convs halving width, conv 7x7, tanh."""
+    layers: list[nn.Module] = []
+    for c in (cin, cin // 2):
+        layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
+                   nn.InstanceNorm2d(c // 2), nn.ReLU(inplace=True)]
+    layers += [nn.ReflectionPad2d(3), nn.Conv2d(cin // 4, cout, 7), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def _gather_instances(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's valid masks as one batch (M, 1, H, W), the image each belongs to (M,), and a weight (M,).
+
+    With no valid instance at all, one empty mask of image 0 with weight 0 keeps every parameter in the graph.
+    """
+    owner = valid.nonzero()[:, 0]
+    sel = masks[valid].unsqueeze(1)
+    weight = torch.ones(len(owner), device=masks.device, dtype=masks.dtype)
+    if len(owner) == 0:
+        b, _, h, w = masks.shape
+        sel = masks.new_full((1, 1, h, w), -1.0)
+        owner = torch.zeros(1, dtype=torch.long, device=masks.device)
+        weight = torch.zeros(1, device=masks.device, dtype=masks.dtype)
+    return sel, owner, weight
+
+
+def _set_sum(feats: Tensor, owner: Tensor, weight: Tensor, batch: int) -> Tensor:
+    """Sum instance features per owning image: (M, C, h, w) -> (B, C, h, w). Permutation invariant."""
+    out = feats.new_zeros((batch, *feats.shape[1:]))
+    return out.index_add(0, owner, feats * weight[:, None, None, None])
+
+
+class SetGenerator(nn.Module):
+    """InstaGAN generator: translates an image and the set of its instance masks.
+
+    img (B, 3, H, W) in [-1, 1], masks (B, N, H, W), valid (B, N) -> img_out (B, 3, H, W), masks_out (B, N, H, W).
+    H and W must be multiples of 4. img_out is invariant and masks_out equivariant to the order of instances;
+    padding slots come out as -1 (empty).
+    """
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3):
+        super().__init__()
+        self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
+        self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
+        self.dec_img = _decoder(8 * ngf, img_channels)  # g_GX on [f_GX(x); s]
+        self.dec_mask = _decoder(12 * ngf, 1)  # g_GA on [f_GA(a_n); f_GX(x); s]
+        _init_weights(self)
+
+    def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        b = img.shape[0]
+        feat_img = self.enc_img(img)
+        sel, owner, weight = _gather_instances(masks, valid)
+        feat_ins = self.enc_mask(sel)
+        feat_set = _set_sum(feat_ins, owner, weight, b)
+        img_out = self.dec_img(torch.cat([feat_img, feat_set], 1))
+        dec = self.dec_mask(torch.cat([feat_ins, feat_img[owner], feat_set[owner]], 1))
+        masks_out = torch.full_like(masks, -1.0)
+        if valid.any():
+            masks_out = masks_out.masked_scatter(valid[:, :, None, None].expand_as(masks_out), dec)
+        else:
+            img_out = img_out + 0.0 * dec.sum()  # keeps the mask decoder in the graph (see module docstring)
+        return img_out, masks_out
+
+
+def _sn_conv(cin: int, cout: int, stride: int) -> nn.Module:
+    """Conv 4x4 with padding 1, N(0, 0.02) init, then spectral norm (so its power iteration starts from the
+    initialised weight)."""
+    conv = nn.Conv2d(cin, cout, 4, stride, 1)
+    _init_weights(conv)
+    return spectral_norm(conv)
+
+
+def _feature_extractor(cin: int, ndf: int) -> nn.Sequential:
+    """(B, cin, H, W) -> (B, 4 ndf, H/8, W/8): three spectral-norm convs 4x4 stride 2, IN on the last two."""
+    return nn.Sequential(
+        _sn_conv(cin, ndf, 2), nn.LeakyReLU(0.2, inplace=True),
+        _sn_conv(ndf, 2 * ndf, 2), nn.InstanceNorm2d(2 * ndf), nn.LeakyReLU(0.2, inplace=True),
+        _sn_conv(2 * ndf, 4 * ndf, 2), nn.InstanceNorm2d(4 * ndf), nn.LeakyReLU(0.2, inplace=True),
+    )
+
+
+class SetDiscriminator(nn.Module):
+    """InstaGAN discriminator: PatchGAN 70x70 over [f_DX(x); sum_i f_DA(a_i)], spectral norm on every conv.
+
+    img (B, 3, H, W), masks (B, N, H, W), valid (B, N) -> (B, 1, H/8 - 2, W/8 - 2) least-squares scores.
+    Invariant to the order of instances. `set_feature` and `classify` split the forward so a caller can add
+    the features of masks it holds fixed (computed once without gradients) to those of new masks:
+    D(x, a1 + a2) == D.classify(x, D.set_feature(a1) + D.set_feature(a2)).
+    """
+
+    def __init__(self, ndf: int = 64, img_channels: int = 3):
+        super().__init__()
+        self.feat_img = _feature_extractor(img_channels, ndf)  # f_DX
+        self.feat_mask = _feature_extractor(1, ndf)  # f_DA
+        self.classifier = nn.Sequential(
+            _sn_conv(8 * ndf, 16 * ndf, 1), nn.InstanceNorm2d(16 * ndf), nn.LeakyReLU(0.2, inplace=True),
+            _sn_conv(16 * ndf, 1, 1),
+        )
+
+    def set_feature(self, masks: Tensor, valid: Tensor) -> Tensor:
+        """Sum of f_DA over each image's valid instances: (B, N, H, W), (B, N) -> (B, 4 ndf, H/8, W/8)."""
+        sel, owner, weight = _gather_instances(masks, valid)
+        return _set_sum(self.feat_mask(sel), owner, weight, masks.shape[0])
+
+    def classify(self, img: Tensor, feat_set: Tensor) -> Tensor:
+        return self.classifier(torch.cat([self.feat_img(img), feat_set], 1))
+
+    def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
+        return self.classify(img, self.set_feature(masks, valid))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters (spectral-norm u/v vectors are buffers and do not count)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
