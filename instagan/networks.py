@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -155,16 +157,33 @@ class SetDiscriminator(nn.Module):
             _sn_conv(16 * ndf, 1, 1),
         )
 
-    def set_feature(self, masks: Tensor, valid: Tensor) -> Tensor:
-        """Sum of f_DA over each image's valid instances: (B, N, H, W), (B, N) -> (B, 4 ndf, H/8, W/8)."""
+    def set_feature(self, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
+        """Sum of f_DA over each image's valid instances: (B, N, H, W), (B, N) -> (B, 4 ndf, H/8, W/8).
+
+        group > 0: with gradients on and more than `group` instances in the batch, features are computed in
+        checkpointed groups of `group` masks (recomputed in backward), so activation memory is bounded by the
+        group and does not grow with the number of instances. Run forward and backward inside
+        `torch.nn.utils.parametrize.cached()` so the recomputation sees the same spectral-norm weights.
+        """
         sel, owner, weight = _gather_instances(masks, valid)
-        return _set_sum(self.feat_mask(sel), owner, weight, masks.shape[0])
+        if group <= 0 or len(sel) <= group or not torch.is_grad_enabled():
+            return _set_sum(self.feat_mask(sel), owner, weight, masks.shape[0])
+        if not parametrize._cache_enabled:
+            raise RuntimeError("set_feature with group > 0 must run inside torch.nn.utils.parametrize.cached()")
+        for conv in self.feat_mask:  # compute (and cache) the spectral-norm weights outside the checkpoints
+            if parametrize.is_parametrized(conv):
+                conv.weight
+        out = 0
+        for i in range(0, len(sel), group):
+            feats = checkpoint(self.feat_mask, sel[i:i + group], use_reentrant=False)
+            out = out + _set_sum(feats, owner[i:i + group], weight[i:i + group], masks.shape[0])
+        return out
 
     def classify(self, img: Tensor, feat_set: Tensor) -> Tensor:
         return self.classifier(torch.cat([self.feat_img(img), feat_set], 1))
 
-    def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
-        return self.classify(img, self.set_feature(masks, valid))
+    def forward(self, img: Tensor, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
+        return self.classify(img, self.set_feature(masks, valid, group))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,277 @@
+"""InstaGAN training: the full state and one training step over a batch (all chunks, both directions).
+
+    state = TrainState.create(Config())
+    metrics = train_step(state, batch_a, batch_b)   # batches: {"img", "masks", "valid"} (instagan.masks)
+    state.end_epoch()                                # lr schedule is per epoch, as in the paper
+
+Sequential mini-batch translation (paper sec. 2.3, DESIGN.md section 2): each image's instances, largest first
+and at most `ins_max`, are split into chunks of `ins_per`. Chunk m translates (y'_{m-1}, a_m) -> (y'_m, b'_m)
+and takes its own generator step and discriminator step; its outputs are detached before the next chunk, so
+memory depends on `ins_per`, not on the number of instances. Content losses (cycle, identity, context) use the
+chunk's own input and output; the GAN loss sees y'_m with every mask translated so far (earlier ones detached).
+An image with no instance left in a chunk keeps its image and gets weight 0, but the forward still runs so that
+every data-parallel rank runs the same steps: pass the chunk count agreed across ranks (`chunk_count`, all-reduced
+max) as `n_chunks`.
+
+Data-parallel rules (DESIGN.md section 4): networks may be DDP-wrapped. The generator step calls the
+discriminators' underlying modules and back-propagates into the generators' parameters only
+(`backward(inputs=...)`), so no `requires_grad` is toggled and no discriminator gradient is computed or
+all-reduced there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from instagan import losses as L
+from instagan import masks as M
+from instagan.config import Config
+from instagan.networks import SetDiscriminator, SetGenerator
+from instagan.pool import HistoryPool
+
+NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(module, "module", module)
+
+
+def build_networks(cfg: Config) -> dict[str, nn.Module]:
+    """The four networks, seeded by cfg.train.seed so every rank starts from the same weights."""
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    return {"G_ab": SetGenerator(m.ngf, m.n_blocks), "G_ba": SetGenerator(m.ngf, m.n_blocks),
+            "D_a": SetDiscriminator(m.ndf), "D_b": SetDiscriminator(m.ndf)}
+
+
+def lr_factor(cfg: Config):
+    """Constant lr for `epochs`, then linear decay to 0 over `epochs_decay` (the authors' 'linear' policy)."""
+    t = cfg.train
+
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - t.epochs) / float(t.epochs_decay + 1)
+
+    return factor
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs: networks, optimizers, schedulers, pools, counters, config."""
+
+    cfg: Config
+    nets: dict[str, nn.Module]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    sched_d: torch.optim.lr_scheduler.LRScheduler
+    pools: dict[str, HistoryPool]
+    step: int = 0
+    epoch: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def create(cls, cfg: Config, device: str | torch.device = "cpu", nets: dict[str, nn.Module] | None = None,
+               rank: int = 0) -> "TrainState":
+        """Fresh state. `nets` may be passed already placed/wrapped (e.g. by ray.train.torch.prepare_model)."""
+        device = torch.device(device)
+        nets = nets or {k: v.to(device) for k, v in build_networks(cfg).items()}
+        t = cfg.train
+        g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
+        d_params = [p for k in ("D_a", "D_b") for p in nets[k].parameters()]
+        # fused: one kernel per step and no temporary copies of the parameters (lower peak memory).
+        opt_g = torch.optim.Adam(g_params, lr=t.lr_g, betas=(t.beta1, t.beta2), fused=True)
+        opt_d = torch.optim.Adam(d_params, lr=t.lr_d, betas=(t.beta1, t.beta2), fused=True)
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor(cfg))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor(cfg))
+        # Pools hold fakes of a domain: pool "a" feeds D_a with G_ba's outputs. Seeds differ per rank.
+        pools = {d: HistoryPool(t.pool_size, seed=t.seed * 1000 + 2 * rank + i) for i, d in enumerate("ab")}
+        return cls(cfg, nets, opt_g, opt_d, sched_g, sched_d, pools, device=device)
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.sched_g.step()
+        self.sched_d.step()
+
+    def lr(self) -> dict[str, float]:
+        return {"lr/G": self.opt_g.param_groups[0]["lr"], "lr/D": self.opt_d.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict:
+        return {
+            **{k: unwrap(v).state_dict() for k, v in self.nets.items()},
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "pool_a": self.pools["a"].state_dict(), "pool_b": self.pools["b"].state_dict(),
+            "step": self.step, "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in NETS:
+            unwrap(self.nets[k]).load_state_dict(state[k])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        self.pools["a"].load_state_dict(state["pool_a"], self.device)
+        self.pools["b"].load_state_dict(state["pool_b"], self.device)
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+
+
+def prepare_batch(batch: dict[str, Tensor], ins_max: int, device: torch.device) -> dict[str, Tensor]:
+    """Order instances by decreasing area, keep the `ins_max` largest, move to `device`."""
+    masks, valid, _ = M.sort_by_area(batch["masks"], batch["valid"].bool())
+    masks, valid = M.limit(masks, valid, ins_max)
+    return {"img": batch["img"].to(device, non_blocking=True), "masks": masks.to(device, non_blocking=True),
+            "valid": valid.to(device, non_blocking=True)}
+
+
+def chunk_count(batch_a: dict[str, Tensor], batch_b: dict[str, Tensor], ins_max: int, ins_per: int) -> int:
+    """Chunks this rank needs for the step (the largest image of either domain decides). Data-parallel callers
+    all-reduce the max of this over ranks and pass it to `train_step` as `n_chunks`."""
+    most = max(int(b["valid"].sum(1).max()) if b["valid"].numel() else 0 for b in (batch_a, batch_b))
+    return max(1, -(-min(most, ins_max) // ins_per))
+
+
+@dataclass
+class Direction:
+    """One translation direction's state across the chunks of a step (a -> b uses G_ab, judged by D_b)."""
+
+    real: dict[str, Tensor]  # the real batch of the source domain (sorted, limited)
+    x: Tensor  # current image y'_{m-1} (the real image at m = 0), detached
+    fake_masks: list[Tensor] = field(default_factory=list)  # translated masks of earlier chunks, detached
+    fake_valid: list[Tensor] = field(default_factory=list)
+
+
+def _identity_loss(F: nn.Module, d: Direction, masks: Tensor, valid: Tensor, active: Tensor) -> Tensor:
+    """|F(x, a) - (x, a)|: the generator into x's domain should leave x alone. -> weighted mean ()."""
+    idt_img, idt_masks = F(d.x, masks, valid)
+    return L.weighted_mean(L.masked_l1(idt_img, idt_masks, valid, d.x, masks), active)
+
+
+def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, masks: Tensor, valid: Tensor,
+                        active: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """GAN, cycle and context losses of direction x -> y for one chunk: G translates, F translates back, D (the
+    underlying module; no gradient reaches its parameters) judges y' with every mask translated so far.
+
+    Returns (weighted-mean terms, (y', b'_m))."""
+    fake_img, fake_masks = G(d.x, masks, valid)
+    rec_img, rec_masks = F(fake_img, fake_masks, valid)
+    if d.fake_masks:
+        with torch.no_grad():  # earlier chunks' masks are detached: their D features need no graph
+            feat_prev = D.set_feature(torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1))
+    else:
+        feat_prev = 0
+    score = D.classify(fake_img, feat_prev + D.set_feature(fake_masks, valid))
+    weight = M.context_weight(masks, valid, fake_masks, valid)
+    per = {
+        "gan": L.lsgan(score, 1.0),
+        "cyc": L.masked_l1(rec_img, rec_masks, valid, d.x, masks),
+        "ctx": L.context(d.x, fake_img, weight),
+    }
+    return {k: L.weighted_mean(v, active) for k, v in per.items()}, (fake_img, fake_masks)
+
+
+def _no_sync(modules: list[nn.Module]) -> contextlib.ExitStack:
+    """Enter `no_sync()` of every DDP-wrapped module: gradients accumulate locally until a backward outside it."""
+    stack = contextlib.ExitStack()
+    for m in modules:
+        if hasattr(m, "no_sync"):
+            stack.enter_context(m.no_sync())
+    return stack
+
+
+def _discriminator_loss(D: nn.Module, real: dict[str, Tensor], fake: tuple[Tensor, Tensor, Tensor],
+                        active: Tensor, group: int) -> Tensor:
+    """0.5 * (lsgan(D(real), 1) + lsgan(D(fake), 0)); the real term counts when any fake in the batch is active
+    (as the authors skip D's step for a direction with no instance left). D sees all of real's instances and
+    every fake mask so far; `group` bounds its activation memory (SetDiscriminator.set_feature)."""
+    pred_real = D(real["img"], real["masks"], real["valid"], group)
+    pred_fake = D(*fake, group)
+    any_active = active.any().to(pred_real.dtype)
+    return 0.5 * (L.lsgan(pred_real, 1.0).mean() * any_active + L.weighted_mean(L.lsgan(pred_fake, 0.0), active))
+
+
+def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str, Tensor],
+               n_chunks: int | None = None, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One training step over a batch of each domain: every chunk's generator and discriminator steps.
+
+    batch_x: {"img": (B, 3, H, W), "masks": (B, N, H, W), "valid": (B, N)} (any instance order; sorted here).
+    n_chunks: chunk steps to run (default: what this batch needs); data-parallel ranks must pass the same value.
+    Returns flat metrics averaged over chunks (`loss/G_gan_ab`, `loss/D_b`, ...).
+    """
+    cfg, nets, dev = state.cfg, state.nets, state.device
+    t, lam = cfg.train, cfg.loss
+    a, b = prepare_batch(batch_a, t.ins_max, dev), prepare_batch(batch_b, t.ins_max, dev)
+    n_chunks = n_chunks or chunk_count(a, b, t.ins_max, t.ins_per)
+    dirs = {"ab": Direction(a, a["img"]), "ba": Direction(b, b["img"])}
+    g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
+    D_a, D_b = unwrap(nets["D_a"]), unwrap(nets["D_b"])
+    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    sums: dict[str, Tensor] = {}
+
+    for m in range(n_chunks):
+        ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, t.ins_per) for k, d in dirs.items()}
+        active = {k: v.any(1) for k, (_, v) in ch.items()}
+        metrics: dict[str, Tensor] = {}
+        outs: dict[str, tuple[Tensor, Tensor]] = {}
+
+        # Generator step over both directions, with D frozen by construction (gradients flow into G's
+        # parameters only). Each independent graph is back-propagated as soon as it is built, so at most one
+        # direction's translate-and-reconstruct graph is alive; DDP all-reduces once, at the last backward.
+        passes = [("ab", "idt"), ("ab", "main"), ("ba", "idt"), ("ba", "main")]
+        sync = _no_sync([nets["G_ab"], nets["G_ba"]])
+        sync.__enter__()
+        for i, (k, kind) in enumerate(passes):
+            G, F, D = (nets["G_ab"], nets["G_ba"], D_b) if k == "ab" else (nets["G_ba"], nets["G_ab"], D_a)
+            if i == len(passes) - 1:
+                sync.close()
+            with autocast:
+                if kind == "idt":
+                    idt = _identity_loss(F, dirs[k], *ch[k], active[k])
+                    loss = lam.lambda_idt * idt
+                    terms = {f"loss/idt_{k[::-1]}": idt}
+                else:
+                    t_terms, outs[k] = _translation_losses(G, F, D, dirs[k], *ch[k], active[k])
+                    loss = t_terms["gan"] + lam.lambda_cyc * t_terms["cyc"] + lam.lambda_ctx * t_terms["ctx"]
+                    terms = {f"loss/G_gan_{k}": t_terms["gan"], f"loss/cyc_{k[0]}": t_terms["cyc"],
+                             f"loss/ctx_{k}": t_terms["ctx"]}
+            # Keep only detached values: a live graph output would hold the branch that backward(inputs=...)
+            # skips (D's spectral-norm weights) in memory for the rest of the step.
+            metrics.update({key: v.detach() for key, v in terms.items()})
+            loss.backward(inputs=g_params)
+            metrics["loss/G"] = metrics.get("loss/G", 0) + loss.detach()
+        state.opt_g.step()
+        state.opt_g.zero_grad(set_to_none=True)
+
+        # Hand-off: y'_m for images that had an instance in this chunk; the others keep their image.
+        for k, d in dirs.items():
+            keep = active[k][:, None, None, None]
+            d.x = torch.where(keep, outs[k][0].detach().to(d.x.dtype), d.x)
+            d.fake_masks.append(outs[k][1].detach().to(d.x.dtype))
+            d.fake_valid.append(ch[k][1])
+
+        # Discriminator step: D_b judges real b against pooled fakes of G_ab, D_a likewise (one backward each).
+        # Spectral-norm weights are computed once per D (cached) so checkpointed groups recompute exactly.
+        for k, name, real in (("ab", "D_b", b), ("ba", "D_a", a)):
+            d = dirs[k]
+            fake = state.pools[name[-1]].query(d.x, torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), active[k])
+            with parametrize.cached():
+                with autocast:
+                    loss_d = _discriminator_loss(nets[name], real, fake, active[k], group=len(d.x) * t.ins_per)
+                loss_d.backward()
+            metrics[f"loss/{name}"] = loss_d.detach()
+        state.opt_d.step()
+        state.opt_d.zero_grad(set_to_none=True)
+
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0) + v.float()
+
+    state.step += 1
+    keys = sorted(sums)
+    values = torch.stack([sums[k] for k in keys]).div(n_chunks).tolist()  # one host sync per step
+    return {**dict(zip(keys, values)), "chunks": float(n_chunks)}

@@ -1,0 +1,145 @@
+"""Set networks: the authors' parameter counts, permutation symmetry, batch independence, padding inertness."""
+
+import pytest
+import torch
+
+from instagan.networks import SetDiscriminator, SetGenerator, count_parameters
+from instagan.synthetic import make_batch
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    return SetGenerator(ngf=8, n_blocks=2).eval(), SetDiscriminator(ndf=8).eval()
+
+
+def test_parameter_counts_match_the_authors():
+    G, D = SetGenerator(), SetDiscriminator()
+    assert count_parameters(G) == 26_815_108
+    assert [count_parameters(m) for m in (G.enc_img, G.enc_mask, G.dec_img, G.dec_mask)] == [
+        10_999_936, 10_993_664, 1_493_763, 3_327_745]
+    assert count_parameters(D) == 9_721_729
+    # Spectral norm's u/v vectors are buffers; every D conv is spectral-normalised.
+    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8 and all(hasattr(c, "parametrizations") for c in convs)
+    assert any("_u" in name for name, _ in D.named_buffers())
+
+
+def test_weights_are_normal_002():
+    G = SetGenerator(ngf=16, n_blocks=2)
+    w = G.enc_img[1].weight
+    assert abs(w.std().item() - 0.02) < 0.003 and abs(w.mean().item()) < 0.003
+    D = SetDiscriminator(ndf=16)
+    w = D.classifier[0].parametrizations.weight.original
+    assert abs(w.std().item() - 0.02) < 0.003
+
+
+def test_generator_invariant_and_equivariant_to_instance_order(nets):
+    G, _ = nets
+    batch = make_batch("a", 2, 32, ins=(3, 5))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    perm = torch.randperm(masks.shape[1])
+    with torch.no_grad():
+        y, b = G(img, masks, valid)
+        y_p, b_p = G(img, masks[:, perm], valid[:, perm])
+    torch.testing.assert_close(y_p, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_p, b[:, perm], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(b[valid][0], b[valid][1])  # different instances get different masks
+
+
+def test_discriminator_invariant_to_instance_order(nets):
+    _, D = nets
+    batch = make_batch("b", 2, 32, ins=(3, 5))
+    perm = torch.randperm(batch["masks"].shape[1])
+    with torch.no_grad():
+        s = D(batch["img"], batch["masks"], batch["valid"])
+        s_p = D(batch["img"], batch["masks"][:, perm], batch["valid"][:, perm])
+    assert s.shape == (2, 1, 2, 2)
+    torch.testing.assert_close(s_p, s, rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_of_an_image_do_not_depend_on_the_rest_of_the_batch(nets):
+    G, D = nets
+    alone = make_batch("a", 1, 32, ins=(2, 2))
+    others = make_batch("a", 3, 32, ins=(5, 6), start=10)
+    n = others["masks"].shape[1]
+    masks0 = torch.full((1, n, 32, 32), -1.0)
+    masks0[:, :2] = alone["masks"]
+    valid0 = torch.zeros(1, n, dtype=torch.bool)
+    valid0[:, :2] = True
+    img = torch.cat([alone["img"], others["img"]])
+    masks, valid = torch.cat([masks0, others["masks"]]), torch.cat([valid0, others["valid"]])
+    with torch.no_grad():
+        y1, b1 = G(alone["img"], alone["masks"], alone["valid"])
+        y, b = G(img, masks, valid)
+        s1, s = D(alone["img"], alone["masks"], alone["valid"]), D(img, masks, valid)
+    torch.testing.assert_close(y[:1], y1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b[:1, :2], b1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s[:1], s1, rtol=1e-4, atol=1e-5)
+    # The authors' set sum over the whole batch would mix images: ours does not. Check the mixing is visible:
+    # changing image 1's masks must not change image 0 but must change image 1.
+    masks2 = masks.clone()
+    masks2[1] = -masks2[1]
+    with torch.no_grad():
+        y2, _ = G(img, masks2, valid)
+    torch.testing.assert_close(y2[0], y[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(y2[1], y[1], atol=1e-4)
+
+
+def test_padding_slots_change_nothing_and_come_out_empty(nets):
+    G, D = nets
+    batch = make_batch("a", 2, 32, ins=(2, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    junk = torch.rand(2, 3, 32, 32) * 2 - 1  # padding with arbitrary pixel values
+    masks_p = torch.cat([masks, junk], 1)
+    valid_p = torch.cat([valid, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        y, b = G(img, masks, valid)
+        y_p, b_p = G(img, masks_p, valid_p)
+        s, s_p = D(img, masks, valid), D(img, masks_p, valid_p)
+    torch.testing.assert_close(y_p, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_p[:, :masks.shape[1]], b, rtol=1e-4, atol=1e-5)
+    assert (b_p[~valid_p] == -1).all()
+    torch.testing.assert_close(s_p, s, rtol=1e-4, atol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient_even_without_instances():
+    """DDP without find_unused_parameters needs every parameter in every backward, also on a rank whose images
+    have no instance left in a chunk."""
+    G, D = SetGenerator(ngf=4, n_blocks=1), SetDiscriminator(ndf=4)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    masks, valid = torch.full((2, 2, 32, 32), -1.0), torch.zeros(2, 2, dtype=torch.bool)
+    y, b = G(img, masks, valid)
+    (y.mean() + b.mean() + D(y, b, valid).mean()).backward()
+    for name, p in [*G.named_parameters(), *D.named_parameters()]:
+        assert p.grad is not None, name
+    assert (b == -1).all()
+    # Without instances the set feature is zero: the result equals an image-only translation.
+    y_alone, _ = G(img, masks[:, :0], valid[:, :0])
+    torch.testing.assert_close(y, y_alone)
+
+
+def test_masks_of_another_size_raise():
+    G = SetGenerator(ngf=4, n_blocks=1)
+    with pytest.raises(RuntimeError):
+        G(torch.zeros(1, 3, 32, 32), torch.zeros(1, 2, 16, 16), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_grouped_discriminator_features_give_the_same_result_and_gradients():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    D = SetDiscriminator(ndf=8)
+    batch = make_batch("a", 2, 32, ins=(4, 5))
+    grads = []
+    for group in (0, 3):
+        D.zero_grad()
+        state = {k: v.clone() for k, v in D.state_dict().items()}
+        with parametrize.cached():
+            out = D(batch["img"], batch["masks"], batch["valid"], group)
+            out.pow(2).mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in D.parameters()]))
+        D.load_state_dict(state)  # undo the power iteration's buffer update
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for g1, g0 in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,187 @@
+"""The sequential training step: chunk order, zero-weight chunks, resume, learning, memory vs instance count."""
+
+import math
+
+import pytest
+import torch
+
+import instagan.train as T
+from instagan import checkpoint
+from instagan import masks as M
+from instagan.bench import make_inputs
+from instagan.config import Config
+from instagan.synthetic import make_batch
+
+TINY = {"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 32, "load_size": 32}}
+
+
+def tiny_cfg(**train) -> Config:
+    return Config.from_dict({**TINY, "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, **train}})
+
+
+def batches(i: int, n: int = 2, size: int = 32, ins=(1, 6)):
+    return make_batch("a", n, size, ins=ins, start=n * i), make_batch("b", n, size, ins=ins, start=n * i + 500)
+
+
+def test_chunks_follow_decreasing_area(monkeypatch):
+    seen = {"ab": [], "ba": []}
+    real = T._translation_losses
+
+    def spy(G, F, D, d, masks, valid, active):
+        key = "ab" if d.real is state_dirs["a"] else "ba"
+        seen[key].append(M.areas(masks, valid).clone())
+        return real(G, F, D, d, masks, valid, active)
+
+    monkeypatch.setattr(T, "_translation_losses", spy)
+    state = T.TrainState.create(tiny_cfg(ins_max=5, ins_per=2))
+    a, b = batches(0, ins=(5, 6))
+    orig_prepare = T.prepare_batch
+    state_dirs = {}
+
+    def prepare(batch, ins_max, device):
+        out = orig_prepare(batch, ins_max, device)
+        state_dirs["a" if batch is a else "b"] = out
+        return out
+
+    monkeypatch.setattr(T, "prepare_batch", prepare)
+    # Shuffle slots so the step itself must order them.
+    perm = torch.randperm(a["masks"].shape[1])
+    a = {"img": a["img"], "masks": a["masks"][:, perm], "valid": a["valid"][:, perm]}
+    metrics = T.train_step(state, a, b)
+    assert metrics["chunks"] == 3  # 5 instances used (ins_max), 2 per chunk
+    for key, batch in (("ab", a), ("ba", b)):
+        seq = torch.cat(seen[key], 1)  # (B, chunks * ins_per) areas in the order G saw them
+        expected = torch.sort(M.areas(batch["masks"], batch["valid"]), 1, descending=True).values[:, :5]
+        assert torch.equal(seq[:, :5], expected)
+        assert (seq[:, 5:] == 0).all()  # the last chunk's second slot is padding
+
+
+def test_chunk_count_is_what_the_largest_image_needs():
+    a, b = make_batch("a", 2, 32, ins=(1, 1)), make_batch("b", 2, 32, ins=(3, 3))
+    assert T.chunk_count(a, b, ins_max=4, ins_per=2) == 2
+    assert T.chunk_count(a, b, ins_max=2, ins_per=2) == 1
+
+
+def test_extra_agreed_chunks_with_no_instances_run_and_stay_finite():
+    """A data-parallel rank may have to run more chunks than its images need (the count is agreed across
+    ranks): those chunks give its images zero weight, yet forward and backward still run."""
+    state = T.TrainState.create(tiny_cfg())
+    a, b = batches(0, ins=(1, 2))
+    metrics = T.train_step(state, a, b, n_chunks=3)
+    assert metrics["chunks"] == 3
+    assert all(math.isfinite(v) for v in metrics.values())
+    for net in state.nets.values():
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def _params(state):
+    return {f"{k}.{n}": p.detach().clone() for k, net in state.nets.items() for n, p in net.named_parameters()}
+
+
+def test_resume_takes_the_same_next_step(tmp_path):
+    cfg = tiny_cfg(pool_size=2, seed=3)  # a small pool is full by step 2, so swaps (random draws) happen
+    state = T.TrainState.create(cfg)
+    for i in range(3):
+        T.train_step(state, *batches(i))
+    state.end_epoch()
+    checkpoint.save(state, tmp_path / "ckpt")
+    m_cont = T.train_step(state, *batches(3))
+    m_cont2 = T.train_step(state, *batches(4))
+    cont = _params(state)
+
+    resumed = checkpoint.restore(tmp_path / "ckpt")
+    assert resumed.step == 3 and resumed.epoch == 1
+    assert resumed.lr() == T.TrainState.create(cfg).lr() or cfg.train.epochs > 1
+    m_res = T.train_step(resumed, *batches(3))
+    m_res2 = T.train_step(resumed, *batches(4))
+    assert m_res == pytest.approx(m_cont, rel=1e-5, abs=1e-6)
+    assert m_res2 == pytest.approx(m_cont2, rel=1e-5, abs=1e-6)
+    res = _params(resumed)
+    for k in cont:
+        torch.testing.assert_close(res[k], cont[k], rtol=1e-5, atol=1e-6, msg=k)
+    # A fresh start with the same seed does NOT match: the checkpoint carried real state.
+    fresh = T.TrainState.create(cfg)
+    T.train_step(fresh, *batches(3))
+    assert not torch.allclose(_params(fresh)["G_ab.dec_img.0.weight"], cont["G_ab.dec_img.0.weight"])
+
+
+def test_checkpoint_is_weights_only_and_complete(tmp_path):
+    state = T.TrainState.create(tiny_cfg())
+    a, b = batches(0)
+    T.train_step(state, a, b)
+    checkpoint.save(state, tmp_path)
+    payload = torch.load(tmp_path / "state.pt", weights_only=True)
+    for key in ("G_ab", "G_ba", "D_a", "D_b", "opt_g", "opt_d", "sched_g", "sched_d", "pool_a", "pool_b", "step",
+                "epoch"):
+        assert key in payload
+    # Pool "a" holds G_ba's fakes: one per (image of b, chunk with an instance of it).
+    per_image = b["valid"].sum(1).clamp(max=4)
+    assert len(payload["pool_a"]["images"]) == int(((per_image + 1) // 2).sum())
+    assert Config.from_dict(__import__("json").loads((tmp_path / "config.json").read_text())) == state.cfg
+
+
+def test_lr_schedule_constant_then_linear_to_zero():
+    cfg = tiny_cfg(epochs=2, epochs_decay=3, lr_g=1.0, lr_d=0.5)
+    state = T.TrainState.create(cfg)
+    lrs = []
+    for _ in range(5):
+        lrs.append(state.lr()["lr/G"])
+        state.end_epoch()
+    assert lrs == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25])
+    assert state.lr()["lr/D"] == pytest.approx(0.0)
+
+
+def test_tiny_training_run_lowers_content_losses():
+    torch.manual_seed(0)
+    state = T.TrainState.create(tiny_cfg(batch_size=4))
+    history = [T.train_step(state, *batches(i % 8, n=4)) for i in range(24)]
+
+    def content(m):
+        return sum(m[k] for k in ("loss/cyc_a", "loss/cyc_b", "loss/idt_ab", "loss/idt_ba"))
+
+    first = content(history[0])
+    last = sum(content(m) for m in history[-4:]) / 4
+    assert last < 0.6 * first, (first, last)
+    assert all(math.isfinite(m["loss/D_a"]) and math.isfinite(m["loss/D_b"]) for m in history)
+
+
+class SavedBytes:
+    """Peak bytes of tensors saved for backward that are alive at once (autograd activation memory)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        tracker = self
+
+        class Held:
+            def __init__(self, tensor):
+                self.tensor, self.n = tensor, tensor.numel() * tensor.element_size()
+                tracker.live += self.n
+                tracker.peak = max(tracker.peak, tracker.live)
+
+            def __del__(self):
+                tracker.live -= self.n
+
+        return Held(t)
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor
+
+
+def _activation_peak(ins: int) -> int:
+    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 64, "load_size": 64},
+                            "train": {"ins_max": ins, "ins_per": 2}})
+    state = T.TrainState.create(cfg)
+    g = torch.Generator().manual_seed(0)
+    a, b = make_inputs(1, ins, 64, g), make_inputs(1, ins, 64, g)
+    tracker = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        T.train_step(state, a, b)
+    return tracker.peak
+
+
+def test_activation_memory_does_not_grow_with_instances():
+    small, large = _activation_peak(4), _activation_peak(16)
+    assert large <= 1.15 * small, (small, large)
