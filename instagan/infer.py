@@ -41,6 +41,7 @@ class Translator:
         self.device = torch.device(device)
         self.G = generator.to(self.device).eval()
         self.ins_max, self.ins_per, self.amp_dtype = ins_max, ins_per, amp_dtype
+        self.config: Config | None = None  # the training config, when loaded from a checkpoint
 
     @classmethod
     def from_checkpoint(cls, directory: str, direction: str = "a2b", **kwargs) -> "Translator":
@@ -51,7 +52,7 @@ class Translator:
         G = SetGenerator(cfg.model.ngf, cfg.model.n_blocks)
         G.load_state_dict(payload[DIRECTIONS[direction]])
         tr = cls(G, **kwargs)
-        tr.config: Config = cfg
+        tr.config = cfg
         return tr
 
     @torch.inference_mode()
