@@ -85,9 +85,10 @@ def _gather_instances(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def _set_sum(feats: Tensor, owner: Tensor, weight: Tensor, batch: int) -> Tensor:
-    """Sum instance features per owning image: (M, C, h, w) -> (B, C, h, w). Permutation invariant."""
-    out = feats.new_zeros((batch, *feats.shape[1:]))
-    return out.index_add(0, owner, feats * weight[:, None, None, None])
+    """Sum instance features per owning image: (M, C, h, w) -> (B, C, h, w). Permutation invariant.
+    Sums in at least fp32 (features may be bf16 under autocast)."""
+    out = feats.new_zeros((batch, *feats.shape[1:]), dtype=torch.promote_types(feats.dtype, torch.float32))
+    return out.index_add(0, owner, feats.to(out.dtype) * weight.to(out.dtype)[:, None, None, None])
 
 
 class SetGenerator(nn.Module):
@@ -114,7 +115,7 @@ class SetGenerator(nn.Module):
         feat_set = _set_sum(feat_ins, owner, weight, b)
         img_out = self.dec_img(torch.cat([feat_img, feat_set], 1))
         dec = self.dec_mask(torch.cat([feat_ins, feat_img[owner], feat_set[owner]], 1))
-        masks_out = torch.full_like(masks, -1.0)
+        masks_out = torch.full_like(masks, -1.0, dtype=dec.dtype)
         if valid.any():
             masks_out = masks_out.masked_scatter(valid[:, :, None, None].expand_as(masks_out), dec)
         else:
