@@ -30,7 +30,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import queue
 import random
+import threading
 import warnings
 from itertools import chain
 from pathlib import Path
@@ -44,6 +46,7 @@ from pycocotools import mask as mask_util
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from instagan import masks as M
 
@@ -74,36 +77,51 @@ def read_sample(row: dict) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- augmentation ------------------------------------------------------------------------------------------
 
+class RandomCropFlip(v2.Transform):
+    """v2.RandomCrop(size) then v2.RandomHorizontalFlip(0.5), drawing from a torch.Generator instead of torch's global
+    one (reproducible, and safe in a prefetch thread while the training loop uses the global RNG). Like every v2
+    transform, one call on (Image, Mask) draws once and applies the same crop and flip to both."""
+
+    def __init__(self, size: int, flip: bool, generator: torch.Generator | None = None):
+        super().__init__()
+        self.size, self.flip, self.generator = size, flip, generator
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = flat_inputs[0].shape[-2:]
+        if h < self.size or w < self.size:
+            raise ValueError(f"crop {self.size} larger than the resized image {h}x{w}")
+        g = self.generator
+        top = int(torch.randint(0, h - self.size + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - self.size + 1, (1,), generator=g))
+        flip = bool(torch.rand((), generator=g) < 0.5) if self.flip else False
+        return {"top": top, "left": left, "flip": flip}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        out = F.crop(inpt, params["top"], params["left"], self.size, self.size)
+        return F.horizontal_flip(out) if params["flip"] else out
+
+
 @functools.lru_cache(maxsize=16)
-def _transform(size: int, load_size: int, flip: bool, train: bool) -> v2.Transform:
-    if not train:
-        return v2.Resize((size, size), antialias=True)
-    steps = [v2.Resize((load_size, load_size), antialias=True), v2.RandomCrop(size)]
-    return v2.Compose(steps + ([v2.RandomHorizontalFlip(0.5)] if flip else []))
+def _resize(size: int) -> v2.Transform:
+    return v2.Resize((size, size), antialias=True)  # bilinear for images, nearest for tv_tensors.Mask
 
 
 def augment(img: np.ndarray | Tensor, masks: np.ndarray | Tensor, size: int, load_size: int, flip: bool,
             generator: torch.Generator | None = None, train: bool = True) -> tuple[Tensor, Tensor]:
     """uint8 (H, W, 3), bool (K, H, W) -> image (3, size, size) in [-1, 1], masks (K', size, size) in {-1, 1}.
 
-    train: resize to load_size, the same random crop and flip for image and masks, drop instances emptied by the
-    crop (K' <= K, possibly 0). not train: resize to size only. Masks resize with nearest (tv_tensors.Mask rule).
-    generator: draws come from it (reproducible); None uses torch's global generator.
+    train: resize to load_size x load_size, then the same random crop and flip for image and masks. not train:
+    resize to size x size only. Instances left empty (outside the crop, or too thin) are dropped: K' <= K, maybe 0.
+    generator: the crop and flip draws come from it (reproducible); None draws from torch's global generator.
     """
     img = torch.as_tensor(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
     masks = torch.as_tensor(np.ascontiguousarray(masks)) if isinstance(masks, np.ndarray) else masks
-    x = tv_tensors.Image(img.permute(2, 0, 1) if img.shape[-1] == 3 and img.ndim == 3 else img)
+    x = tv_tensors.Image(img.permute(2, 0, 1) if img.ndim == 3 and img.shape[-1] == 3 else img)
     m = tv_tensors.Mask(masks.to(torch.uint8))
-    tf = _transform(size, load_size, flip, train)
-    if generator is None or not train:
-        x, m = tf(x, m)
+    if train:
+        x, m = v2.Compose([_resize(load_size), RandomCropFlip(size, flip, generator)])(x, m)
     else:
-        # v2 transforms draw from the global CPU generator: run them on a private seed and restore the global state
-        # (only the CPU generator: torch.manual_seed would also reseed CUDA, which belongs to the training loop)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            x, m = tf(x, m)
+        x, m = _resize(size)(x, m)
     m = m[m.flatten(1).amax(1) > 0] if m.shape[0] else m
     return x.float() / 127.5 - 1, m.float() * 2 - 1
 
@@ -168,6 +186,48 @@ def _collate(samples: list[tuple[Tensor, Tensor]], ids: list[str], ins_cap: int 
     return batch
 
 
+def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Produce `items` in a background thread, `depth` ahead, so decoding overlaps the training step (PIL decoding
+    and torch ops release the GIL). Order and values are unchanged; errors re-raise here; depth 0 = inline."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(_Failure(e))
+
+    threading.Thread(target=work, name="instagan-data-prefetch", daemon=True).start()
+    try:
+        while (x := q.get()) is not end:
+            if isinstance(x, _Failure):
+                raise x.error
+            yield x
+    finally:
+        stop.set()  # the consumer left early: let the thread finish
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 def batch_pairs(pairs: Iterable[tuple[dict, dict, int, int]], batch_size: int, size: int, load_size: int,
                 flip: bool, seed: int, epoch: int, ins_cap: int | None = None, train: bool = True,
                 read: Callable[[dict], tuple[np.ndarray, np.ndarray]] = read_sample) -> Iterator[tuple[dict, dict]]:
@@ -226,8 +286,8 @@ class LocalDataset(torch.utils.data.Dataset):
 
 
 def local_batches(root: str | Path, split: str, batch_size: int, size: int, load_size: int, flip: bool, seed: int,
-                  epoch: int = 0, ins_cap: int | None = None, shuffle: bool = True,
-                  train: bool = True) -> Iterator[tuple[dict, dict]]:
+                  epoch: int = 0, ins_cap: int | None = None, shuffle: bool = True, train: bool = True,
+                  prefetch_batches: int = 2) -> Iterator[tuple[dict, dict]]:
     """One epoch of unpaired (batch_a, batch_b) from local Parquet files, the same batches as iter_pairs gives a
     single worker up to row order. The epoch covers the longer domain; the shorter one is cycled."""
     tables = {d: LocalDataset(root, split, d, size, load_size, flip, seed, train) for d in DOMAINS}
@@ -237,16 +297,20 @@ def local_batches(root: str | Path, split: str, batch_size: int, size: int, load
         for order in orders.values():
             rng.shuffle(order)
     pairs = pair_rows(map(tables["a"].row, orders["a"]), map(tables["b"].row, orders["b"]), rng)
-    yield from batch_pairs(pairs, batch_size, size, load_size, flip, seed, epoch, ins_cap, train)
+    yield from prefetch(batch_pairs(pairs, batch_size, size, load_size, flip, seed, epoch, ins_cap, train),
+                        prefetch_batches)
 
 
 # ---- Ray Data path -------------------------------------------------------------------------------------------
 
-def ray_datasets(root: str, split: str) -> dict[str, Any]:
+def ray_datasets(root: str, split: str, materialize: bool = False) -> dict[str, Any]:
     """{"a": ray.data.Dataset, "b": ...} over <root>/<split>/<a|b>; pass as TorchTrainer(datasets=...).
 
-    Rows stay encoded (~0.1 MB at 200x200): decoding happens on the worker in iter_pairs, which measured faster
-    than a map_batches decode stage here (see data_prep/bench_ingest.py) and keeps augmentation seeds exact.
+    Rows stay encoded (~0.07 MB at 200x200): the worker decodes and augments them in iter_pairs, which measured
+    faster than a map_batches decode stage (data_prep/bench_ingest.py --mode ray_decode): decoded samples are 4-5x
+    larger in the object store and the worker's prefetch thread already outruns a training step.
+    materialize: read the Parquet files once into the object store (when the split's encoded size, listed in
+    metadata.json "files", fits): each epoch then starts in ~0.1 s instead of re-running the read (~3 s here).
     """
     import ray.data
 
@@ -256,6 +320,8 @@ def ray_datasets(root: str, split: str) -> dict[str, Any]:
         if "://" not in path:
             part_files(root, split, d)  # a clear error now rather than a Ray traceback in every worker later
         out[d] = ray.data.read_parquet(path).select_columns(COLUMNS)
+        if materialize:
+            out[d] = out[d].materialize()
     return out
 
 
@@ -278,16 +344,17 @@ def _world_rank() -> int:
 
 
 def iter_pairs(shard_a: Any, shard_b: Any, batch_size: int, size: int, load_size: int, flip: bool, seed: int,
-               epoch: int, ins_cap: int | None = None, *, rank: int | None = None,
-               train: bool = True) -> Iterator[tuple[dict, dict]]:
+               epoch: int, ins_cap: int | None = None, *, rank: int | None = None, train: bool = True,
+               prefetch_batches: int = 2) -> Iterator[tuple[dict, dict]]:
     """One epoch of unpaired (batch_a, batch_b) on a Ray Train worker from get_dataset_shard("a") / ("b").
 
     Each shard is iterated exactly once per call (see pair_rows): Ray's split gives every rank the same row count,
     so every rank yields the same number of batches and meets the same barriers. rank defaults to the Ray Train
-    world rank (0 outside a worker).
+    world rank (0 outside a worker). Decoding and augmentation run in a prefetch thread, prefetch_batches ahead.
     """
     rank = _world_rank() if rank is None else rank
     base = int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{rank}".encode()).digest()[:4], "little")
     rows_a, rows_b = _shard_rows(shard_a, base), _shard_rows(shard_b, base + 1)
     pairs = pair_rows(rows_a, rows_b, random.Random(base))
-    yield from batch_pairs(pairs, batch_size, size, load_size, flip, seed, epoch, ins_cap, train)
+    yield from prefetch(batch_pairs(pairs, batch_size, size, load_size, flip, seed, epoch, ins_cap, train),
+                        prefetch_batches)

@@ -1,0 +1,21 @@
+"""Shared fixtures. `ray_local`: one local Ray instance for the whole session (starting Ray costs ~5 s)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """4 logical CPUs on a 2-core machine: 2 Train workers x 1 CPU with num_cpus=2 hangs (Ray Data gets no CPU)."""
+    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                       ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(key, value)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, log_to_driver=False, object_store_memory=512 * 1024**2)
+    yield ray
+    if started:
+        ray.shutdown()
