@@ -53,7 +53,34 @@ class DataConfig:
     flip: bool = True  # random horizontal flip (same for image and masks)
 
 
-_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "data": DataConfig}
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "instagan"  # run name: the run folder is <storage_path>/<name>; re-using both resumes the run
+    storage_path: str = ""  # folder (shared by all nodes) or URI holding runs; "" = ~/ray_results
+    workers: int = 2  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False  # one GPU per worker (NCCL); False: CPU workers (gloo)
+    cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (fractions are fine on a laptop)
+    max_steps: int = 0  # stop after this many steps (0 = no limit: train epochs + epochs_decay)
+    log_every: int = 10  # TensorBoard scalars every N steps; ray.train.report too (at most every 2 s)
+    image_every: int = 100  # write image grids (TensorBoard and samples/step_XXXXXX.png) every M steps (0 = never)
+    checkpoint_every: int = 500  # full-state checkpoint every K steps (0 = only per epoch and at the end)
+    num_to_keep: int = 2  # most recent checkpoints kept in the run folder
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint within one run (-1 = unlimited)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty folder name without '/', got {self.name!r}")
+        if self.workers < 1 or self.cpus_per_worker <= 0:
+            raise ValueError(f"run.workers ({self.workers}) must be >= 1 and run.cpus_per_worker "
+                             f"({self.cpus_per_worker}) > 0")
+        if self.log_every < 1 or self.num_to_keep < 1:
+            raise ValueError(f"run.log_every ({self.log_every}) and run.num_to_keep ({self.num_to_keep}) must be >= 1")
+        if min(self.max_steps, self.image_every, self.checkpoint_every) < 0 or self.max_failures < -1:
+            raise ValueError("run.max_steps, run.image_every and run.checkpoint_every must be >= 0, "
+                             "run.max_failures >= -1")
+
+
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}
 
 
 def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -93,6 +120,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
         t, d = self.train, self.data
