@@ -23,6 +23,9 @@ flag carried on the per-step all-reduce, never by a rank's own clock):
 
 Rank 0 also writes TensorBoard files to `<run folder>/tensorboard` and image grids (instagan.visual) every
 `run.image_every` steps and at the end, to TensorBoard and to `<run folder>/samples/step_XXXXXX.png`.
+
+Driver side, `datasets(cfg)` (small splits read once into the object store) and `data_config()` (preserve_order,
+no locality hints) give every rank the same rows in the same order in every run, which exact resume needs.
 """
 
 from __future__ import annotations

@@ -42,11 +42,11 @@ from instagan.config import Config  # noqa: E402
 # a CPU each, a few minutes on a 2-core laptop. Everything else takes instagan/config.py's defaults.
 DEFAULT = {
     "model": {"ngf": 16, "ndf": 16, "n_blocks": 2},
-    "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "epochs": 2, "epochs_decay": 2, "pool_size": 50,
+    "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "epochs": 1, "epochs_decay": 3, "pool_size": 50,
               "seed": 0},
     "data": {"root": "", "size": 64, "load_size": 72},
-    "run": {"name": "tiny_synthetic", "workers": 2, "cpus_per_worker": 0.5, "max_steps": 120, "log_every": 10,
-            "image_every": 40, "checkpoint_every": 40, "num_to_keep": 2, "max_failures": 1},
+    "run": {"name": "tiny_synthetic", "workers": 2, "cpus_per_worker": 0.5, "max_steps": 90, "log_every": 10,
+            "image_every": 30, "checkpoint_every": 30, "num_to_keep": 2, "max_failures": 1},
 }
 SYNTHETIC_SPLIT = "train"
 
