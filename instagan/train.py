@@ -133,8 +133,7 @@ def prepare_batch(batch: dict[str, Tensor], ins_max: int, device: torch.device) 
 def chunk_count(batch_a: dict[str, Tensor], batch_b: dict[str, Tensor], ins_max: int, ins_per: int) -> int:
     """Chunks this rank needs for the step (the largest image of either domain decides). Data-parallel callers
     all-reduce the max of this over ranks and pass it to `train_step` as `n_chunks`."""
-    most = max(int(b["valid"].sum(1).max()) if b["valid"].numel() else 0 for b in (batch_a, batch_b))
-    return max(1, -(-min(most, ins_max) // ins_per))
+    return max(M.num_chunks(b["valid"][:, :ins_max], ins_per) for b in (batch_a, batch_b))
 
 
 @dataclass
