@@ -20,6 +20,13 @@ class ModelConfig:
     ngf: int = 64  # generator base width (paper and ref: 64)
     ndf: int = 64  # discriminator base width (paper and ref: 64)
     n_blocks: int = 9  # residual blocks in each generator encoder (ref passes 9 to the set generator)
+    # "instagan"; ablation baselines (paper fig. 9): "cyclegan" (image only; double ngf for a fair size, as the
+    # paper did) or "cyclegan_seg" (image + the union of the masks as one extra channel, translated jointly)
+    arch: str = "instagan"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("instagan", "cyclegan", "cyclegan_seg"):
+            raise ValueError(f"model.arch must be 'instagan', 'cyclegan' or 'cyclegan_seg', got {self.arch!r}")
 
 
 @dataclass(frozen=True)

@@ -4,24 +4,40 @@
     out = tr.translate(img, masks, valid)   # img (B, 3, H, W) in [-1, 1], masks (B, N, H, W), valid (B, N)
     out.img, out.masks, out.valid           # translated image; masks in the input's slot order
 
+    # numpy in, numpy out, any image size (what jobs/translate.py and jobs/serve.py use):
+    results = tr.translate_arrays([(img_uint8_hw3, masks_bool_khw), ...])   # size=None: at the model's size
+    results[0].img, results[0].masks, results[0].translated
+
 The same loop as training without gradients: instances sorted by decreasing area, at most `ins_max` used, chunks
 of `ins_per` translated in turn, each on the image produced by the previous chunk, so peak memory depends on
 `ins_per` and not on the number of instances. An image with fewer instances than others in the batch keeps its
 image once its instances are done, so its result does not depend on the rest of the batch. Slots past `ins_max`
 come back invalid (not translated). Used by jobs/translate.py and jobs/serve.py.
+
+The ablation baselines (`model.arch` cyclegan / cyclegan_seg, `instagan.networks.ImageGenerator`) translate in one
+step; `Translator.mask_mode` says what their masks mean: "instances" (InstaGAN, one translated mask per input slot),
+"union" (CycleGAN+Seg: one translated union mask, (B, 1, H, W)) or "none" (CycleGAN: the input masks come back
+unchanged, they are not a prediction).
+
+Image sizes in `translate_arrays`: by default every image is resized to the model's training size
+(`config.data.size`, the scale the generator learned), translated, and resized back to its own size (image
+bilinear with antialiasing, masks bilinear then thresholded). `size=0` keeps the native resolution instead
+(reflection-padded up to a multiple of 4 and cropped back), which costs time quadratic in the image side.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as Fn
 from torch import Tensor
 
 from instagan import checkpoint
 from instagan import masks as M
 from instagan.config import Config
-from instagan.networks import SetGenerator
+from instagan.networks import build_generator
 
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 
@@ -33,13 +49,21 @@ class Translation:
     valid: Tensor  # (B, N) bool: input slot n was valid and translated (within ins_max)
 
 
+@dataclass
+class ArrayTranslation:
+    img: np.ndarray  # uint8 (H, W, 3), the input's size
+    masks: np.ndarray  # bool (K', H, W): K' = K for "instances" and "none", 1 for "union"
+    translated: np.ndarray  # bool (K',): mask k is a translation (False past ins_max, and for mask_mode "none")
+
+
 class Translator:
-    def __init__(self, generator: SetGenerator, ins_max: int = 20, ins_per: int = 2,
+    def __init__(self, generator: torch.nn.Module, ins_max: int = 20, ins_per: int = 2,
                  device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None):
         if ins_max < 1 or ins_per < 1:
             raise ValueError(f"ins_max ({ins_max}) and ins_per ({ins_per}) must be >= 1")
         self.device = torch.device(device)
         self.G = generator.to(self.device).eval()
+        self.mask_mode: str = getattr(getattr(generator, "module", generator), "mask_mode", "instances")
         self.ins_max, self.ins_per, self.amp_dtype = ins_max, ins_per, amp_dtype
         self.config: Config | None = None  # the training config, when loaded from a checkpoint
 
@@ -49,7 +73,7 @@ class Translator:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
         cfg, payload = checkpoint.load(directory)
-        G = SetGenerator(cfg.model.ngf, cfg.model.n_blocks)
+        G = build_generator(cfg.model.arch, cfg.model.ngf, cfg.model.n_blocks)
         G.load_state_dict(payload[DIRECTIONS[direction]])
         tr = cls(G, **kwargs)
         tr.config = cfg
@@ -68,9 +92,15 @@ class Translator:
         x = img.to(dev, torch.float32)
         sorted_masks, sorted_valid, order = M.sort_by_area(masks.to(dev, torch.float32), valid.to(dev).bool())
         sorted_masks, sorted_valid = M.limit(sorted_masks, sorted_valid, self.ins_max)
+        autocast = torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        if self.mask_mode != "instances":  # a baseline: one step on the union of the (at most ins_max) instances
+            with autocast:
+                y, bm = self.G(x, *M.as_union(sorted_masks, sorted_valid))
+            if self.mask_mode == "union":
+                return Translation(y.float(), bm.float(), sorted_valid.any(1, keepdim=True))
+            return Translation(y.float(), masks.to(dev, torch.float32), valid.to(dev).bool())
         n_chunks = M.num_chunks(sorted_valid, self.ins_per)
         outs = []
-        autocast = torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         for m in range(n_chunks):
             cm, cv = M.chunk(sorted_masks, sorted_valid, m, self.ins_per)
             with autocast:
@@ -87,3 +117,102 @@ class Translator:
         out_masks.scatter_(1, idx[:, :, None, None].expand(-1, -1, *img.shape[2:]), out_sorted)
         out_valid.scatter_(1, idx, sorted_valid)
         return Translation(x, out_masks, out_valid)
+
+    # ---- numpy in, numpy out, any size ---------------------------------------------------------------------------
+
+    @staticmethod
+    def check_item(img: np.ndarray, masks: np.ndarray) -> None:
+        """Raise ValueError with the reason when (img, masks) is not uint8 (H, W, 3) with bool (K, H, W) masks."""
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"image must be a uint8 array (H, W, 3), got "
+                             f"{getattr(img, 'dtype', type(img).__name__)} {getattr(img, 'shape', '')}")
+        if min(img.shape[:2]) < 4:
+            raise ValueError(f"image is too small: {img.shape[0]}x{img.shape[1]} (at least 4x4)")
+        if not isinstance(masks, np.ndarray) or masks.ndim != 3:
+            raise ValueError(f"masks must be an array (K, H, W), got {getattr(masks, 'shape', type(masks).__name__)}")
+        if masks.shape[1:] != img.shape[:2]:
+            raise ValueError(f"masks are {masks.shape[1]}x{masks.shape[2]} but the image is "
+                             f"{img.shape[0]}x{img.shape[1]}")
+
+    def translate_arrays(self, items: list[tuple[np.ndarray, np.ndarray]], size: int | None = None,
+                         batch_size: int = 8) -> list[ArrayTranslation]:
+        """Translate images of any size: items of (img uint8 (H, W, 3), masks bool (K, H, W)), K >= 0.
+
+        size: None = the model's training size (config.data.size), 0 = native size (see the module docstring).
+        Items are translated in batches of up to `batch_size` images of the same working size; results come back in
+        input order at each input's own size. Raises ValueError naming the item for a bad one (see `check_item`).
+        """
+        for i, (img, masks) in enumerate(items):
+            try:
+                self.check_item(img, masks)
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
+        if size is None:
+            if self.config is None:
+                raise ValueError("size=None needs the training config (load with from_checkpoint) or an explicit size")
+            size = self.config.data.size
+        if size < 0 or size % 4:
+            raise ValueError(f"size must be 0 (native) or a positive multiple of 4, got {size}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (img, _) in enumerate(items):
+            groups.setdefault((size, size) if size else _padded(img.shape[:2]), []).append(i)
+        results: list[ArrayTranslation | None] = [None] * len(items)
+        for shape, idx in groups.items():
+            for start in range(0, len(idx), batch_size):
+                part = idx[start:start + batch_size]
+                for i, res in zip(part, self._translate_group([items[i] for i in part], shape, native=not size)):
+                    results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _translate_group(self, items: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int],
+                         native: bool) -> list[ArrayTranslation]:
+        samples = []
+        for img, masks in items:
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(127.5).sub(1)
+            m = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)).float().mul(2).sub(1)
+            samples.append(_to_shape(torch.cat([x, m]), shape, native).split([3, len(masks)]))
+        # Padded in input slot order (M.collate would sort by area, and results map back by slot).
+        n = max(1, max(len(m) for _, m in samples))
+        masks_b = torch.full((len(samples), n, *shape), -1.0)
+        valid_b = torch.zeros(len(samples), n, dtype=torch.bool)
+        for j, (_, m) in enumerate(samples):
+            masks_b[j, :len(m)], valid_b[j, :len(m)] = m, True
+        out = self.translate(torch.stack([x for x, _ in samples]), masks_b, valid_b)
+        results = []
+        for j, (img, masks) in enumerate(items):
+            h, w = img.shape[:2]
+            k = len(masks)
+            if self.mask_mode == "none":
+                y = _from_shape(out.img[j].cpu(), (h, w), native)
+                out_masks, translated = np.asarray(masks, dtype=bool), np.zeros(k, dtype=bool)
+            else:
+                kk = k if self.mask_mode == "instances" else 1
+                back = _from_shape(torch.cat([out.img[j], out.masks[j, :kk]]).cpu(), (h, w), native)
+                y, out_masks = back[:3], (back[3:] > 0).numpy()
+                translated = out.valid[j, :kk].cpu().numpy().copy()
+                if self.mask_mode == "instances":  # untranslated slots (past ins_max) keep their input mask
+                    out_masks[~translated] = np.asarray(masks, dtype=bool)[~translated]
+            pixels = y.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            results.append(ArrayTranslation(pixels, out_masks, translated))
+        return results
+
+
+def _padded(hw: tuple[int, ...]) -> tuple[int, int]:
+    return -(-hw[0] // 4) * 4, -(-hw[1] // 4) * 4
+
+
+def _to_shape(t: Tensor, shape: tuple[int, int], native: bool) -> Tensor:
+    """(C, H, W) -> (C, *shape): reflection padding at the bottom/right (native) or a bilinear resize."""
+    if native:
+        ph, pw = shape[0] - t.shape[1], shape[1] - t.shape[2]
+        return Fn.pad(t[None], (0, pw, 0, ph), mode="reflect")[0] if ph or pw else t
+    if tuple(t.shape[1:]) == shape:
+        return t
+    return Fn.interpolate(t[None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _from_shape(t: Tensor, hw: tuple[int, int], native: bool) -> Tensor:
+    """Undo `_to_shape`: crop the padding, or resize back to (H, W)."""
+    if native or tuple(t.shape[1:]) == hw:
+        return t[:, :hw[0], :hw[1]]
+    return Fn.interpolate(t[None], size=hw, mode="bilinear", antialias=True, align_corners=False)[0]

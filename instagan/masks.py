@@ -67,6 +67,14 @@ def union(masks: Tensor, valid: Tensor) -> Tensor:
     return fg.sum(dim=1, keepdim=True).clamp(0, 1)
 
 
+def as_union(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """All of an image's instances as ONE instance, their union (the CycleGAN baselines' view of the masks).
+
+    (B, N, H, W), (B, N) -> masks (B, 1, H, W) in [-1, 1], valid (B, 1): False for an image without instances.
+    """
+    return union(masks, valid) * 2 - 1, valid.any(1, keepdim=True)
+
+
 def context_weight(masks: Tensor, valid: Tensor, out_masks: Tensor, out_valid: Tensor) -> Tensor:
     """Weight of the context-preserving loss: 1 where a pixel is background in both the original and the
     translated masks, 0 where either marks an instance (soft in between, as in the authors' code).

@@ -99,6 +99,8 @@ class SetGenerator(nn.Module):
     padding slots come out as -1 (empty).
     """
 
+    mask_mode = "instances"  # one translated mask per input slot (ImageGenerator: "none" or "union")
+
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3):
         super().__init__()
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
@@ -185,6 +187,63 @@ class SetDiscriminator(nn.Module):
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
         return self.classify(img, self.set_feature(masks, valid, group))
+
+
+class ImageGenerator(nn.Module):
+    """The paper's ablation baselines (fig. 9): a CycleGAN ResNet generator (the same encoder and decoder layers,
+    one image path, no set feature).
+
+    seg=False (CycleGAN): img (B, 3, H, W) -> img_out; masks and valid come back unchanged (not a prediction).
+    seg=True (CycleGAN+Seg): the image and ONE union mask are translated jointly: masks (B, 1, H, W) with valid
+    (B, 1) (see `instagan.masks.as_union`) -> img_out, translated union (B, 1, H, W) (-1 where valid is False).
+    `mask_mode` tells callers which ("none" or "union"; SetGenerator's is "instances").
+    """
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, seg: bool = False, img_channels: int = 3):
+        super().__init__()
+        self.seg, self.img_channels = seg, img_channels
+        self.mask_mode = "union" if seg else "none"
+        self.enc = _encoder(img_channels + seg, ngf, n_blocks)
+        self.dec = _decoder(4 * ngf, img_channels + seg)
+        _init_weights(self)
+
+    def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.seg:
+            return self.dec(self.enc(img)), masks
+        if masks.shape[1] != 1:
+            raise ValueError(f"CycleGAN+Seg translates one union mask per image, got masks {tuple(masks.shape)}")
+        out = self.dec(self.enc(torch.cat([img, masks.to(img.dtype)], 1)))
+        img_out, mask_out = out[:, :self.img_channels], out[:, self.img_channels:]
+        return img_out, torch.where(valid[:, :, None, None], mask_out, torch.full_like(mask_out, -1.0))
+
+
+class ImageDiscriminator(SetDiscriminator):
+    """The CycleGAN baseline's discriminator: SetDiscriminator's layers with the instance branch switched off
+    (masks are never looked at; the set feature is the zero-weight empty mask), so it judges the image alone
+    with the same capacity as InstaGAN's D."""
+
+    def set_feature(self, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
+        return super().set_feature(masks, torch.zeros_like(valid), 0)
+
+
+ARCHS = ("instagan", "cyclegan", "cyclegan_seg")  # ModelConfig.arch
+
+
+def build_generator(arch: str, ngf: int, n_blocks: int) -> nn.Module:
+    """G of an architecture: InstaGAN's SetGenerator or an ablation baseline's ImageGenerator."""
+    if arch == "instagan":
+        return SetGenerator(ngf, n_blocks)
+    if arch in ("cyclegan", "cyclegan_seg"):
+        return ImageGenerator(ngf, n_blocks, seg=arch == "cyclegan_seg")
+    raise ValueError(f"unknown model.arch {arch!r}, expected one of {ARCHS}")
+
+
+def build_discriminator(arch: str, ndf: int) -> nn.Module:
+    """D of an architecture: the baselines' D sees the image (cyclegan) or the image and the union mask as a
+    one-instance set (cyclegan_seg)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model.arch {arch!r}, expected one of {ARCHS}")
+    return ImageDiscriminator(ndf) if arch == "cyclegan" else SetDiscriminator(ndf)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from instagan import losses as L
 from instagan import masks as M
 from instagan.config import Config
-from instagan.networks import SetDiscriminator, SetGenerator
+from instagan.networks import build_discriminator, build_generator
 from instagan.pool import HistoryPool
 
 NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
@@ -46,8 +46,8 @@ def build_networks(cfg: Config) -> dict[str, nn.Module]:
     """The four networks, seeded by cfg.train.seed so every rank starts from the same weights."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    return {"G_ab": SetGenerator(m.ngf, m.n_blocks), "G_ba": SetGenerator(m.ngf, m.n_blocks),
-            "D_a": SetDiscriminator(m.ndf), "D_b": SetDiscriminator(m.ndf)}
+    return {"G_ab": build_generator(m.arch, m.ngf, m.n_blocks), "G_ba": build_generator(m.arch, m.ngf, m.n_blocks),
+            "D_a": build_discriminator(m.arch, m.ndf), "D_b": build_discriminator(m.arch, m.ndf)}
 
 
 def lr_factor(cfg: Config):
@@ -122,10 +122,13 @@ class TrainState:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
 
 
-def prepare_batch(batch: dict[str, Tensor], ins_max: int, device: torch.device) -> dict[str, Tensor]:
-    """Order instances by decreasing area, keep the `ins_max` largest, move to `device`."""
+def prepare_batch(batch: dict[str, Tensor], ins_max: int, device: torch.device, union: bool = False) -> dict[str, Tensor]:
+    """Order instances by decreasing area, keep the `ins_max` largest, move to `device`. union: then merge them
+    into one instance (the CycleGAN baselines, which translate in one step)."""
     masks, valid, _ = M.sort_by_area(batch["masks"], batch["valid"].bool())
     masks, valid = M.limit(masks, valid, ins_max)
+    if union:
+        masks, valid = M.as_union(masks, valid)
     return {"img": batch["img"].to(device, non_blocking=True), "masks": masks.to(device, non_blocking=True),
             "valid": valid.to(device, non_blocking=True)}
 
@@ -205,8 +208,11 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     """
     cfg, nets, dev = state.cfg, state.nets, state.device
     t, lam = cfg.train, cfg.loss
-    a, b = prepare_batch(batch_a, t.ins_max, dev), prepare_batch(batch_b, t.ins_max, dev)
-    n_chunks = n_chunks or chunk_count(a, b, t.ins_max, t.ins_per)
+    union = cfg.model.arch != "instagan"
+    a, b = prepare_batch(batch_a, t.ins_max, dev, union), prepare_batch(batch_b, t.ins_max, dev, union)
+    # The baselines translate all instances (their union) in one step, whatever count the ranks agreed on.
+    n_chunks = 1 if union else n_chunks or chunk_count(a, b, t.ins_max, t.ins_per)
+    ins_per = 1 if union else t.ins_per
     dirs = {"ab": Direction(a, a["img"]), "ba": Direction(b, b["img"])}
     g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
     D_a, D_b = unwrap(nets["D_a"]), unwrap(nets["D_b"])
@@ -214,7 +220,7 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     sums: dict[str, Tensor] = {}
 
     for m in range(n_chunks):
-        ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, t.ins_per) for k, d in dirs.items()}
+        ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, ins_per) for k, d in dirs.items()}
         active = {k: v.any(1) for k, (_, v) in ch.items()}
         metrics: dict[str, Tensor] = {}
         outs: dict[str, tuple[Tensor, Tensor]] = {}
@@ -261,7 +267,7 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
             fake = state.pools[name[-1]].query(d.x, torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), active[k])
             with parametrize.cached():
                 with autocast:
-                    loss_d = _discriminator_loss(nets[name], real, fake, active[k], group=len(d.x) * t.ins_per)
+                    loss_d = _discriminator_loss(nets[name], real, fake, active[k], group=len(d.x) * ins_per)
                 loss_d.backward()
             metrics[f"loss/{name}"] = loss_d.detach()
         state.opt_d.step()

@@ -3,6 +3,7 @@
     python jobs/train.py                                   # embedded default: generated data, local Ray, 2 workers
     python jobs/train.py --config configs/coco_sheep2giraffe.yaml --set run.workers=8 --set run.use_gpu=true
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --config X.yaml
+    python jobs/train.py --local --config X.yaml          # one process, no Ray (instagan/local.py)
 
 The config is a YAML or JSON file with the sections and keys of instagan/config.py (model, loss, train, data, run);
 keys left out take the defaults there (the paper's settings). Without --config the embedded default below is used
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic-n", type=int, default=200,
                    help="images per domain generated when data.root is empty (default 200)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (no Ray)")
+    p.add_argument("--local", action="store_true",
+                   help="train in this process without Ray (instagan.local: one process, no DDP, no resume)")
     return p.parse_args(argv)
 
 
@@ -145,8 +148,9 @@ def init_ray(cfg: Config, address: str | None) -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1, need))
 
 
-def build_trainer(cfg: Config):
-    """The TorchTrainer for `cfg` (Ray must be initialised); datasets from cfg.data."""
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for `cfg` (Ray must be initialised); datasets from cfg.data. callbacks: Ray Train
+    UserCallbacks (jobs/tune.py passes a TuneReportCallback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -162,7 +166,7 @@ def build_trainer(cfg: Config):
         dataset_config=data_config(),
         run_config=RunConfig(name=r.name, storage_path=r.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
-                             failure_config=FailureConfig(max_failures=r.max_failures)),
+                             failure_config=FailureConfig(max_failures=r.max_failures), callbacks=callbacks),
     )
 
 
@@ -180,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     folder = run_folder(cfg)
     write_text(f"{folder}/config.json", cfg.to_json() + "\n")
     print(f"[train] run folder: {folder}", flush=True)
+    if args.local:
+        from instagan.local import train_local
+
+        last = train_local(cfg, folder)
+        print(f"[train] done in {time.time() - LAUNCHED:.0f} s without Ray; checkpoint: {last}")
+        return 0
 
     init_ray(cfg, args.address)
     from ray.train import TrainingFailedError

@@ -93,3 +93,76 @@ def test_bad_checkpoint_and_direction_are_reported(ckpt, tmp_path):
         Translator.from_checkpoint(str(ckpt), "a2c")
     with pytest.raises(FileNotFoundError, match="state.pt"):
         Translator.from_checkpoint(str(tmp_path), "a2b")
+
+
+# ---- numpy in, numpy out (jobs/translate.py, jobs/serve.py) -----------------------------------------------------
+
+def _items():
+    from instagan.synthetic import make_image
+
+    return [make_image("a", i, size) for i, size in enumerate((32, 40, 52))]
+
+
+def test_arrays_at_the_model_size_equal_the_tensor_path(ckpt):
+    tr = Translator.from_checkpoint(str(ckpt), "a2b")
+    img, masks = _items()[0]  # 32x32: the model's size, so no resize
+    res = tr.translate_arrays([(img, masks)])[0]
+    from instagan.synthetic import to_tensors
+
+    x, m = to_tensors(img, masks)
+    out = tr.translate(x[None], m[None], torch.ones(1, len(m), dtype=torch.bool))
+    expect = out.img[0].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (res.img == expect).all()
+    assert (res.masks == (out.masks[0] > 0).numpy()).all() and res.translated.all()  # same slots, same order
+
+
+@pytest.mark.parametrize("size", [None, 0])
+def test_arrays_keep_each_size_and_do_not_depend_on_the_batch(ckpt, size):
+    import numpy as np
+
+    tr = Translator.from_checkpoint(str(ckpt), "a2b", ins_max=2)
+    items = _items() + [(np.full((30, 22, 3), 90, np.uint8), np.zeros((0, 30, 22), bool))]
+    together = tr.translate_arrays(items, size=size)
+    for (img, masks), res in zip(items, together):
+        assert res.img.shape == img.shape and res.img.dtype == np.uint8
+        assert res.masks.shape == masks.shape and res.masks.dtype == bool
+        assert res.translated.sum() == min(2, len(masks))  # past ins_max: not translated, input mask kept
+        assert (res.masks[~res.translated] == masks[~res.translated]).all()
+        alone = tr.translate_arrays([(img, masks)], size=size)[0]
+        assert np.abs(alone.img.astype(int) - res.img.astype(int)).max() <= 1
+    assert (together[-1].img == items[-1][0]).all()  # no instance: nothing to translate
+
+
+def test_arrays_name_the_bad_item(ckpt):
+    import numpy as np
+
+    tr = Translator.from_checkpoint(str(ckpt), "a2b")
+    good = _items()[0]
+    with pytest.raises(ValueError, match="item 1: masks are 40x40 but the image is 32x32"):
+        tr.translate_arrays([good, (good[0], _items()[1][1])])
+    with pytest.raises(ValueError, match="item 0: image must be a uint8"):
+        tr.translate_arrays([(good[0].astype(np.float32), good[1])])
+
+
+@pytest.mark.parametrize("arch,mode", [("cyclegan", "none"), ("cyclegan_seg", "union")])
+def test_baselines_translate_in_one_step(tmp_path, arch, mode):
+    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1, "arch": arch},
+                            "data": {"size": 32, "load_size": 32}})
+    state = TrainState.create(cfg)
+    metrics = train_step(state, make_batch("a", 2, 32, ins=(3, 5)), make_batch("b", 2, 32))
+    assert metrics["chunks"] == 1.0
+    tr = Translator.from_checkpoint(str(checkpoint.save(state, tmp_path)), "a2b", ins_per=1)
+    assert tr.mask_mode == mode
+    batch = make_batch("a", 2, 32, ins=(3, 5))
+    out = tr.translate(batch["img"], batch["masks"], batch["valid"])
+    if mode == "none":  # the image alone is translated; the masks come back untouched
+        assert torch.equal(out.masks, batch["masks"]) and torch.equal(out.valid, batch["valid"])
+        other = tr.translate(batch["img"], batch["masks"].flip(-1), batch["valid"])
+        torch.testing.assert_close(other.img, out.img)
+    else:  # one translated union mask per image, one generator call for all instances
+        assert out.masks.shape == (2, 1, 32, 32) and out.valid.all()
+        with torch.no_grad():
+            from instagan import masks as M
+
+            y, _ = tr.G(batch["img"], *M.as_union(batch["masks"], batch["valid"]))
+        torch.testing.assert_close(out.img, y)

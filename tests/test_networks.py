@@ -143,3 +143,24 @@ def test_grouped_discriminator_features_give_the_same_result_and_gradients():
     torch.testing.assert_close(grads[1][0], grads[0][0])
     for g1, g0 in zip(grads[1][1], grads[0][1]):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_baseline_generators_and_the_image_only_discriminator():
+    from instagan.networks import ImageDiscriminator, build_generator
+
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    masks = (torch.rand(2, 3, 32, 32) > 0.5).float() * 2 - 1
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    G = build_generator("cyclegan", 8, 1)
+    y, m = G(img, masks, valid)
+    assert m is masks and torch.equal(G(img, -masks, valid)[0], y)  # masks are not looked at
+    assert count_parameters(build_generator("cyclegan", 64, 9)) == 11_378_179  # CycleGAN's ResNet-9 generator
+    Gs = build_generator("cyclegan_seg", 8, 1)
+    union = masks[:, :1]
+    ys, ms = Gs(img, union, valid[:, :1])
+    assert ms.shape == (2, 1, 32, 32) and not torch.equal(Gs(img, -union, valid[:, :1])[0], ys)
+    with pytest.raises(ValueError, match="one union mask"):
+        Gs(img, masks, valid)
+    D = ImageDiscriminator(8)
+    torch.testing.assert_close(D(img, masks, valid), D(img, -masks, valid.flip(1)))

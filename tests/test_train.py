@@ -38,7 +38,7 @@ def test_chunks_follow_decreasing_area(monkeypatch):
     orig_prepare = T.prepare_batch
     state_dirs = {}
 
-    def prepare(batch, ins_max, device):
+    def prepare(batch, ins_max, device, union=False):
         out = orig_prepare(batch, ins_max, device)
         state_dirs["a" if batch is a else "b"] = out
         return out
