@@ -103,10 +103,23 @@ class Translator:
         outs = []
         for m in range(n_chunks):
             cm, cv = M.chunk(sorted_masks, sorted_valid, m, self.ins_per)
+            act = cv.any(1)
+            if act.all():
+                with autocast:
+                    y, bm = self.G(x, cm, cv)
+                x = y.float()
+                outs.append(bm.float())
+                continue
+            out_m = torch.full_like(cm, -1.0)
+            outs.append(out_m)
+            if not act.any():  # no instance at all in the batch: nothing to translate
+                continue
+            # Only images with instances left in this chunk go through G; the others keep their image.
             with autocast:
-                y, bm = self.G(x, cm, cv)
-            x = torch.where(cv.any(1)[:, None, None, None], y.float(), x)
-            outs.append(bm.float())
+                y, bm = self.G(x[act], cm[act], cv[act])
+            x = x.clone()
+            x[act] = y.float()
+            out_m[act] = bm.float()
         out_sorted = torch.cat(outs, 1)[:, :sorted_valid.shape[1]]
         # Back to the input slot order: sorted slot j came from input slot order[:, j].
         n = masks.shape[1]

@@ -1,0 +1,120 @@
+"""Benchmark: images/s of the Ray Data translate job (jobs/translate.py) against the bare Translator loop, same rows.
+
+    python jobs/bench_translate.py                                   # paper generator (ngf 64, 9 blocks), 200x200
+    python jobs/bench_translate.py --ngf 16 --n-blocks 3 --n 64      # a small generator: overheads weigh more
+
+Prints one JSON object. Rows: --n generated 200x200 images (data_prep synthetic, 1-6 instances each), translated
+a2b by an untrained generator of the given width (speed does not depend on the weights) at the model's size.
+- bare: Translator.translate_arrays over the decoded rows in batches of --batch-size, torch threads --threads;
+  run before and after the jobs (the machine may be shared) and averaged. bare_rows adds what each actor also does
+  per row: decode the PNG and RLE masks, encode the output PNG and masks (jobs.translate.translate_rows).
+- job: translate_collection with one actor of --threads CPUs and threads, on the first --n-small rows and then on
+  all --n rows (fresh output folders; Ray started once, its start-up reported as ray_init_s). with_startup =
+  n / wall of the full run; steady = (n - n_small) / (wall_full - wall_small), the rate once actors run, and
+  startup_s = wall_small - n_small / steady, the fixed cost of one job (planning, actor start, checkpoint load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def bare_loop(tr, items: list, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        tr.translate_arrays(items[start:start + batch_size], batch_size=batch_size)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=48, help="images in the full run")
+    p.add_argument("--n-small", type=int, default=0, help="images in the small run (default n / 4)")
+    p.add_argument("--size", type=int, default=200)
+    p.add_argument("--ngf", type=int, default=64)
+    p.add_argument("--n-blocks", type=int, default=9)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (bare loop) = CPUs and threads of the actor")
+    p.add_argument("--ins-per", type=int, default=2)
+    args = p.parse_args(argv)
+    n_small = args.n_small or max(1, args.n // 4)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from data_prep.synthetic import write_synthetic
+    from instagan import checkpoint
+    from instagan.config import Config
+    from instagan.data import read_sample
+    from instagan.infer import Translator
+    from instagan.train import TrainState
+    from jobs import translate as job
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_translate_"))
+    write_synthetic(tmp / "data", n=args.n, size=args.size, test_fraction=0.0, workers=min(2, os.cpu_count() or 1))
+    table = pq.read_table(sorted((tmp / "data" / "train" / "a").glob("*.parquet")))
+    pq.write_table(table, tmp / "full.parquet")
+    pq.write_table(table.slice(0, n_small), tmp / "small.parquet")
+    cfg = Config.from_dict({"model": {"ngf": args.ngf, "n_blocks": args.n_blocks},
+                            "data": {"size": args.size, "load_size": args.size}})
+    ckpt = str(checkpoint.save(TrainState.create(cfg), tmp / "ckpt"))
+
+    torch.set_num_threads(args.threads)
+    tr = Translator.from_checkpoint(ckpt, "a2b", ins_max=20, ins_per=args.ins_per)
+    rows = [{**r, "source": "", "problems": ""} for r in table.to_pylist()]
+    items = [read_sample(r) for r in rows]
+    tr.translate_arrays(items[:1])  # first-call set-up (oneDNN primitives) out of the timings
+    bare = [bare_loop(tr, items, args.batch_size)]
+    t0 = time.perf_counter()
+    job.translate_rows(tr, rows, size=None, batch_size=args.batch_size, direction="a2b", checkpoint=ckpt)
+    bare_rows = len(rows) / (time.perf_counter() - t0)
+
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=max(4, args.threads + 2), log_to_driver=False)
+    ray_init = time.perf_counter() - t0
+    walls = {}
+    for name, n in (("small", n_small), ("full", args.n)):
+        source = job.Source("parquet", "a", files=[str(tmp / f"{name}.parquet")])
+        t0 = time.perf_counter()
+        summary = job.translate_collection(source, ckpt, str(tmp / f"out_{name}"), actors=1,
+                                           cpus_per_actor=args.threads, threads=args.threads,
+                                           batch_size=args.batch_size, rows_per_file=128)
+        walls[name] = time.perf_counter() - t0
+        assert summary["written"] == n, summary
+    ray.shutdown()
+    bare.append(bare_loop(tr, items, args.batch_size))
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    bare_mean = sum(bare) / len(bare)
+    steady = (args.n - n_small) / (walls["full"] - walls["small"])
+    with_startup = args.n / walls["full"]
+    print(json.dumps({
+        "size": args.size, "ngf": args.ngf, "n_blocks": args.n_blocks, "n": args.n, "n_small": n_small,
+        "instances": sum(len(m) for _, m in items), "batch_size": args.batch_size, "threads": args.threads,
+        "bare_images_per_s": round(bare_mean, 3), "bare_runs": [round(b, 3) for b in bare],
+        "bare_rows_images_per_s": round(bare_rows, 3),
+        "job_images_per_s_with_startup": round(with_startup, 3), "job_images_per_s_steady": round(steady, 3),
+        "job_startup_s": round(walls["small"] - n_small / steady, 2), "ray_init_s": round(ray_init, 2),
+        "job_wall_s": {k: round(v, 2) for k, v in walls.items()},
+        "ratio_steady": round(steady / bare_mean, 3), "ratio_with_startup": round(with_startup / bare_mean, 3),
+        "loadavg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "torch": torch.__version__,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Translator memory: sequential inference over 20 instances needs no more working memory than over 4 (ins_per 2).
+
+    .venv/bin/python -m pytest -q tests/test_infer_memory.py        # ~15 s on a quiet 2-core machine, no Ray
+
+Each case runs in a fresh Python process that builds the generator and its input, then translates once; the working
+memory is the process's peak RSS (ru_maxrss) minus its RSS just before the call. glibc's malloc is told to map every
+allocation of 64 KiB or more on its own and hand it back on free (MALLOC_MMAP_THRESHOLD_), so RSS follows the live
+tensors instead of a heap that only grows. A control case translates the 20 instances in ONE chunk (ins_per 20):
+its peak must be several times higher, which shows the measurement sees per-chunk memory and that the test fails
+if the loop stops chunking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 256  # image side: large enough that a chunk's activations dwarf the process's noise
+PROBE = r"""
+import json, os, resource, sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+from instagan.infer import Translator
+from instagan.networks import SetGenerator
+
+n, ins_per, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+tr = Translator(SetGenerator(ngf=16, n_blocks=1), ins_max=20, ins_per=ins_per)
+masks = np.zeros((n, size, size), bool)
+cell = size // 5
+for k in range(n):  # disjoint rectangles of different areas, on a 5 x 5 grid
+    r, c = divmod(k, 5)
+    masks[k, r * cell:(r + 1) * cell - k % 3, c * cell:(c + 1) * cell] = True
+img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+page = os.sysconf("SC_PAGE_SIZE")
+base = int(open("/proc/self/statm").read().split()[1]) * page
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+res = tr.translate_arrays([(img, masks)], size=0)[0]  # native size: what jobs/translate.py --size native runs
+ok = bool(res.translated.all()) and res.masks.shape == masks.shape
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"work": peak - base, "before": before - base, "ok": ok}))
+"""
+
+
+def measure(cases: list[tuple[int, int]]) -> list[dict]:
+    """Run the probe for each (instances, ins_per) in its own process (concurrently: ru_maxrss is per process)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE, str(n), str(per), str(SIZE)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n, per in cases]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-2000:]
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def test_peak_memory_is_flat_in_the_number_of_instances():
+    # through translate_arrays (what jobs/translate.py and jobs/serve.py call), which runs `translate`
+    four, twenty, one_chunk = measure([(4, 2), (20, 2), (20, 20)])
+    assert four["ok"] and twenty["ok"] and one_chunk["ok"]
+    for r in (four, twenty, one_chunk):  # the call itself set the peak, not the set-up before it
+        assert r["work"] > r["before"] + 16 * 2**20, r
+    # The input and output masks themselves scale with the instance count (sorted copy, translated masks, the
+    # arrays API's float and resized copies): allow 6 float copies of the 16 extra masks, nothing for activations.
+    masks_allowance = 6 * 16 * SIZE * SIZE * 4
+    mb = {k: round(r["work"] / 2**20, 1) for k, r in (("4", four), ("20", twenty), ("20_one_chunk", one_chunk))}
+    assert twenty["work"] <= four["work"] * 1.05 + masks_allowance, mb
+    # the control: the same 20 instances in one chunk need far more, so a loop that stopped chunking fails above
+    assert one_chunk["work"] > 3 * four["work"], mb

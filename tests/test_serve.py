@@ -1,0 +1,211 @@
+"""jobs/serve.py and jobs/serve_client.py: a real Serve app on loopback, real photos, malformed requests, the client."""
+
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from instagan import checkpoint
+from instagan.config import Config
+from instagan.infer import Translator
+from instagan.synthetic import make_batch
+from instagan.train import TrainState, train_step
+from jobs import serve_client
+from jobs.serve import Limits, translate_isolated
+
+SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shp2gir_coco_sample"
+LIMITS = Limits(max_bytes=1_000_000, max_instances=8, max_pixels=400 * 400)  # the sample has up to 8 sheep
+MAX_BATCH = 4
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo(iid: str) -> tuple[bytes, list[bytes]]:
+    """A sheep photo's file bytes and its instance mask files (sorted by k)."""
+    masks = sorted((SAMPLE / "sampleA_seg").glob(f"{iid}_*.png"), key=lambda p: int(p.stem.split("_")[-1]))
+    return (SAMPLE / "sampleA" / f"{iid}.png").read_bytes(), [m.read_bytes() for m in masks]
+
+
+def body(image: bytes, masks: list[bytes]) -> bytes:
+    return json.dumps({"image": b64(image), "masks": [b64(m) for m in masks]}).encode()
+
+
+def decode(answer: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+    img = np.array(Image.open(io.BytesIO(base64.b64decode(answer["image"]))))
+    return img, [np.array(Image.open(io.BytesIO(base64.b64decode(m)))) for m in answer["masks"]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 64, "load_size": 64}})
+    state = TrainState.create(cfg)
+    train_step(state, make_batch("a", 2, 64), make_batch("b", 2, 64))
+    return checkpoint.save(state, tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, ckpt):
+    from ray import serve
+
+    from jobs.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(str(ckpt), max_batch=MAX_BATCH, batch_wait_s=0.05, limits=LIMITS),
+                  name="instagan_test", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.mark.slow
+def test_translates_real_photos_with_dynamic_batching(url):
+    image, masks = photo("139")  # 4 sheep
+    r = requests.post(f"{url}/translate", data=body(image, masks), timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    out, out_masks = decode(answer)
+    src = np.array(Image.open(io.BytesIO(image)).convert("RGB"))
+    assert out.shape == src.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - src).mean() > 1  # translated, not echoed
+    assert len(out_masks) == len(masks) == 4 and answer["translated"] == [True] * 4
+    assert all(m.shape == src.shape[:2] and set(np.unique(m)) <= {0, 255} for m in out_masks)
+
+    # 8 concurrent requests (twice the batch): some share a model call, and each answer is the one it gets alone
+    ids = ["139", "1106", "1134", "1271", "602", "732", "866", "139"]
+    answers: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i, iid=iid: answers.__setitem__(
+        i, requests.post(f"{url}/translate", data=body(*photo(iid)), timeout=120).json())) for i, iid in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all("image" in a for a in answers.values()), answers
+    assert max(a["batch"] for a in answers.values()) > 1
+    assert max(a["batch"] for a in answers.values()) <= MAX_BATCH
+    for i in (0, 7):
+        img_i, masks_i = decode(answers[i])
+        assert np.abs(img_i.astype(int) - out).max() <= 2  # batch composition changes float sums only
+        assert all(((a > 0) != (b > 0)).mean() < 0.01 for a, b in zip(masks_i, out_masks))
+
+
+def malformed(n: int = 50) -> list[tuple[str, dict, int]]:
+    """n malformed /translate requests as (name, requests.post kwargs, expected status)."""
+    image, masks = photo("1106")  # 256 x 256, 2 sheep
+    small = png(np.zeros((32, 32), np.uint8))
+    big = png(np.zeros((500, 500, 3), np.uint8))  # few bytes, too many pixels
+    truncated = image[: len(image) // 2]
+    cases = [
+        ("bad JSON", {"data": b'{"image": "abc", "masks": ['}, 400),
+        ("not UTF-8", {"data": b"\xff\xfe{}"}, 400),
+        ("empty body", {"data": b""}, 400),
+        ("JSON list", {"json": [b64(image)]}, 400),
+        ("missing masks", {"json": {"image": b64(image)}}, 400),
+        ("missing image", {"json": {"masks": []}}, 400),
+        ("unknown key", {"json": {"image": b64(image), "masks": [], "mask": []}}, 400),
+        ("image not a string", {"json": {"image": 7, "masks": []}}, 400),
+        ("masks not a list", {"json": {"image": b64(image), "masks": b64(masks[0])}}, 400),
+        ("bad base64", {"json": {"image": "@@not base64@@", "masks": []}}, 400),
+        ("not an image", {"json": {"image": b64(b"hello, this is text" * 20), "masks": []}}, 400),
+        ("truncated image", {"json": {"image": b64(truncated), "masks": []}}, 400),
+        ("mask not an image", {"json": {"image": b64(image), "masks": [b64(b"\x00" * 100)]}}, 400),
+        ("mask wrong size", {"json": {"image": b64(image), "masks": [b64(masks[0]), b64(small)]}}, 422),
+        ("too many instances", {"json": {"image": b64(image), "masks": [b64(masks[0])] * 9}}, 422),
+        ("too many pixels", {"json": {"image": b64(big), "masks": []}}, 413),
+        ("oversize body", {"data": b"{" + b" " * 1_100_000 + b"}"}, 413),
+        ("oversize chunked body", {"chunks": [b"{" + b" " * 600_000] * 2}, 413),  # sent without Content-Length
+        ("image too small", {"json": {"image": b64(png(np.zeros((2, 2, 3), np.uint8))), "masks": []}}, 422),
+    ]
+    return [cases[i % len(cases)] for i in range(n)]
+
+
+@pytest.mark.slow
+def test_malformed_requests_get_4xx_and_the_replica_survives(url):
+    before = requests.get(f"{url}/healthz", timeout=30).json()
+    seen = set()
+    for name, kwargs, status in malformed(50):
+        if "chunks" in kwargs:  # a generator body goes out chunked
+            kwargs = {"data": iter(kwargs["chunks"])}
+        r = requests.post(f"{url}/translate", timeout=60, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert r.json()["error"], name
+        seen.add(name)
+    assert len(seen) == 19
+    image, masks = photo("1106")
+    r = requests.post(f"{url}/translate", data=body(image, masks), timeout=120)
+    assert r.status_code == 200 and len(r.json()["masks"]) == 2
+    after = requests.get(f"{url}/healthz", timeout=30)
+    assert after.status_code == 200 and after.json()["pid"] == before["pid"]  # the same replica process
+
+
+@pytest.mark.slow
+def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(SAMPLE / "sampleA", src / "sampleA")
+    shutil.copytree(SAMPLE / "sampleA_seg", src / "sampleA_seg")
+    (src / "sampleA" / "broken.png").write_bytes(b"not a png at all")
+    (src / "sampleA_seg" / "broken_0.png").write_bytes((SAMPLE / "sampleA_seg" / "1106_0.png").read_bytes())
+    rc = serve_client.main(["--url", url, "--input", str(src), "--out", str(tmp_path / "out"), "--concurrency", "3"])
+    assert rc == 1  # one item failed, the others went on
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert len(records) == 8 and records["broken"]["status"] is None  # data_prep's reader rejected it, not sent
+    assert "unreadable" in records["broken"]["error"]
+    for iid, rec in records.items():
+        if iid == "broken":
+            continue
+        n = len(list((SAMPLE / "sampleA_seg").glob(f"{iid}_*.png")))
+        assert rec["status"] == 200 and rec["masks"] == n
+        out = Image.open(tmp_path / "out" / "images" / f"{iid}.png")
+        assert out.size == Image.open(SAMPLE / "sampleA" / f"{iid}.png").size
+        assert len(list((tmp_path / "out" / "masks").glob(f"{iid}_*.png"))) == n
+
+    stats = serve_client.bench(url, [body(*photo("1106")), body(*photo("139"))], n=8, concurrency=4, warmup=2)
+    assert stats["ok"] == 8 and stats["failed"] == 0 and 0 < stats["p50_s"] <= stats["p99_s"]
+    assert stats["images_per_s"] > 0
+
+
+def test_bounded_keeps_at_most_concurrency_in_flight():
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
+    def work(i):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.01)
+        with lock:
+            state["now"] -= 1
+        return i * i
+
+    pulled = []
+    items = (pulled.append(i) or i for i in range(40))
+    results = sorted(f.result() for _, f in serve_client.bounded(items, work, 3))
+    assert results == [i * i for i in range(40)] and state["peak"] == 3 and len(pulled) == 40
+
+
+def test_a_failing_item_fails_alone(ckpt):
+    tr = Translator.from_checkpoint(str(ckpt))
+    good = (np.zeros((40, 48, 3), np.uint8), np.ones((1, 40, 48), bool))
+    bad = (np.zeros((40, 48, 3), np.float32), np.ones((1, 40, 48), bool))  # the wrong dtype: translate_arrays raises
+    out = translate_isolated(tr, [good, bad, good], None)
+    assert isinstance(out[1], ValueError) and "uint8" in str(out[1])
+    assert out[0].img.shape == (40, 48, 3) and np.array_equal(out[0].img, out[2].img)
