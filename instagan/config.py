@@ -73,6 +73,10 @@ class RunConfig:
     checkpoint_every: int = 500  # full-state checkpoint every K steps (0 = only per epoch and at the end)
     num_to_keep: int = 2  # most recent checkpoints kept in the run folder
     max_failures: int = 1  # worker-group restarts from the latest checkpoint within one run (-1 = unlimited)
+    val_every: int = 0  # validation metrics (instagan.metrics) every N steps and at the end (0 = never)
+    val_split: str = "test"  # split of data.root whose first val_images rows per domain form the validation set
+    val_images: int = 16  # images per domain in the fixed validation set (resized to data.size, no augmentation)
+    classifier: str = ""  # domain classifier weights for val/cls_* (jobs/train_classifier.py); "" = none
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -85,6 +89,9 @@ class RunConfig:
         if min(self.max_steps, self.image_every, self.checkpoint_every) < 0 or self.max_failures < -1:
             raise ValueError("run.max_steps, run.image_every and run.checkpoint_every must be >= 0, "
                              "run.max_failures >= -1")
+        if self.val_every < 0 or self.val_images < 1:
+            raise ValueError(f"run.val_every ({self.val_every}) must be >= 0 and run.val_images "
+                             f"({self.val_images}) >= 1")
 
 
 _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}

@@ -21,6 +21,12 @@ flag carried on the per-step all-reduce, never by a rank's own clock):
   checkpoint folder. A resumed run (after a worker failure, or a new fit with the same run name and storage path)
   therefore takes the same next step as an uninterrupted one.
 
+Validation (run.val_every > 0): every val_every steps and at the last step, rank 0 computes
+instagan.metrics.validation_metrics (val/*: background and instance preservation, classifier scores with
+run.classifier, val/score) on a fixed batch, the first run.val_images rows per domain of run.val_split, and every
+rank reports them: such a step always reports (waiting out the 2 s above if need be), so a Tune scheduler sees each
+value (jobs/tune.py).
+
 Rank 0 also writes TensorBoard files to `<run folder>/tensorboard` and image grids (instagan.visual) every
 `run.image_every` steps and at the end, to TensorBoard and to `<run folder>/samples/step_XXXXXX.png`.
 
@@ -46,7 +52,7 @@ from torch import Tensor
 from instagan import checkpoint, visual
 from instagan import masks as M
 from instagan.config import Config
-from instagan.data import iter_pairs, ray_datasets
+from instagan.data import COLUMNS, augment, iter_pairs, ray_datasets, read_sample
 from instagan.train import TrainState, build_networks, chunk_count, train_step
 
 LOOP_FILE = "loop.json"  # {"epoch_step": batches of the current epoch already trained, "world_size": ...}
@@ -185,6 +191,62 @@ def report(metrics: dict, state: TrainState | None = None, rank: int = 0, world:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
 
+# ---- validation (rank 0 computes, every rank reports) --------------------------------------------------------
+
+def validation_batches(cfg: Config) -> tuple[dict, dict]:
+    """The fixed validation set: the first run.val_images rows per domain of data.root's run.val_split (files in
+    name order; a local folder or a URI), resized to data.size without crop or flip, each image's train.ins_max
+    largest instances. -> (batch_a, batch_b) on the CPU."""
+    import pyarrow.dataset
+    import pyarrow.fs
+
+    r, root = cfg.run, cfg.data.root.rstrip("/")
+    out = []
+    for d in ("a", "b"):
+        where = f"{root}/{r.val_split}/{d}"
+        fs, base = (pyarrow.fs.FileSystem.from_uri(where) if "://" in where
+                    else (pyarrow.fs.LocalFileSystem(), str(Path(where).resolve())))
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        files = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+        if not files:
+            raise FileNotFoundError(f"run.val_every={r.val_every} needs a validation split: no part-*.parquet in "
+                                    f"{where} (set run.val_split, or write a {r.val_split!r} split with data_prep)")
+        rows = pyarrow.dataset.dataset(files, filesystem=fs, format="parquet").head(r.val_images, columns=COLUMNS)
+        batch = M.collate([augment(*read_sample(row), cfg.data.size, cfg.data.size, False, train=False)
+                           for row in rows.to_pylist()])
+        batch["masks"], batch["valid"] = M.limit(batch["masks"], batch["valid"], cfg.train.ins_max)  # largest first
+        out.append(batch)
+    return out[0], out[1]
+
+
+def load_classifier(path: str, device: torch.device):
+    """The domain classifier of run.classifier (jobs/train_classifier.py) for val/cls_*; None for ""."""
+    if not path:
+        return None
+    from instagan.metrics import load_classifier as load
+
+    return load(path, device)[0]
+
+
+def validate(state: TrainState, batches: tuple[dict, dict], classifier=None) -> dict[str, float]:
+    """instagan.metrics.validation_metrics of the current generators on the validation batches, plus time/val_s.
+    It translates with the generators' underlying modules, so no DDP collective runs on rank 0 alone."""
+    from instagan.metrics import validation_metrics
+
+    t0, t = time.perf_counter(), state.cfg.train
+    out = validation_metrics(state.nets["G_ab"], state.nets["G_ba"], *batches, t.ins_max, t.ins_per, classifier)
+    return {**out, "time/val_s": time.perf_counter() - t0}
+
+
+def from_rank0(metrics: dict[str, float]) -> dict[str, float]:
+    """Rank 0's dict on every rank (every rank must call it)."""
+    if not _distributed():
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ---- logging (rank 0) ----------------------------------------------------------------------------------------
 
 def run_folder(cfg: Config) -> Path:
@@ -311,6 +373,8 @@ def train_loop_per_worker(config: dict, on_step: Callable[[TrainState, int], Non
             print(f"[instagan] resumed from {resumed.path}: step {state.step}, epoch {state.epoch}, "
                   f"{epoch_step} batches of the epoch done", flush=True)
     log = RankZeroLog(cfg, run_folder(cfg)) if rank == 0 else None
+    val = validation_batches(cfg) if rank == 0 and r.val_every else None
+    classifier = load_classifier(r.classifier, state.device) if val is not None else None
     shard_a, shard_b = ray.train.get_dataset_shard("a"), ray.train.get_dataset_shard("b")
     total_epochs = t.epochs + t.epochs_decay
     window = Window()
@@ -345,21 +409,24 @@ def train_loop_per_worker(config: dict, on_step: Callable[[TrainState, int], Non
                 state.end_epoch()
                 epoch_step = 0
             stop = r.max_steps > 0 and state.step >= r.max_steps
+            due_val = r.val_every > 0 and (state.step % r.val_every == 0 or stop or state.epoch >= total_epochs)
             if log is not None:
                 log.collect(batch_a, batch_b)
                 if r.image_every and state.step % r.image_every == 0:
                     log.images(state)
             due_ckpt = last or stop or (r.checkpoint_every > 0 and state.step % r.checkpoint_every == 0)
-            if due_log or due_ckpt:
+            if due_log or due_ckpt or due_val:
                 out = window.flush(state, world)
+                if due_val:
+                    out.update(from_rank0(validate(state, val, classifier) if rank == 0 else {}))
                 if log is not None:
                     log.scalars(out, state.step)
                 if due_ckpt:
                     report(out, state, rank, world, epoch_step)
                     last_ckpt_step = state.step
-                elif to_ray:
+                elif to_ray or due_val:
                     report(out)
-                if due_ckpt or to_ray:
+                if due_ckpt or to_ray or due_val:
                     last_report = time.monotonic()
             if stop:
                 break

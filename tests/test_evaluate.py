@@ -1,0 +1,85 @@
+"""End to end: train the domain classifier for an epoch, evaluate a tiny checkpoint, check the JSON and the grid."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from data_prep.synthetic import write_synthetic
+from instagan import checkpoint
+from instagan.config import Config
+from instagan.metrics import load_classifier
+from instagan.synthetic import make_batch
+from instagan.train import TrainState, train_step
+from jobs import evaluate as evaluate_job
+from jobs import train_classifier
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    write_synthetic(tmp / "data", n=12, size=64, test_fraction=0.25)  # 9 train + 3 test images per domain
+    # one undecodable test image: it must be skipped and reported, the rest evaluated
+    part = sorted((tmp / "data" / "test" / "a").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    images = table.column("image").to_pylist()
+    images[0] = b"not an image"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    pa.array(images, table.schema.field("image").type)), part)
+    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 64}})
+    state = TrainState.create(cfg)
+    train_step(state, make_batch("a", 2, 64), make_batch("b", 2, 64))
+    checkpoint.save(state, tmp / "ckpt")
+    report = train_classifier.main(["--data-root", str(tmp / "data"), "--epochs", "1", "--batch-size", "8",
+                                    "--out", str(tmp / "clf.pt")])
+    return tmp, report, table.column("id")[0].as_py()
+
+
+def test_train_classifier_reports_and_saves(setup):
+    tmp, report, bad_id = setup
+    assert report["train"]["images"] == 18 and report["test"]["images"] == 5
+    assert 0.0 <= report["train"]["acc"] <= 1.0 and 0.0 <= report["test"]["acc_masked"] <= 1.0
+    assert [s["id"] for s in report["skipped"]] == [bad_id]
+    model, meta = load_classifier(tmp / "clf.pt")  # weights_only=True inside
+    assert meta["arch"] == "resnet18" and meta["size"] == 64 and model.input_size == 64
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_evaluate_writes_json_and_grid(setup, capsys):
+    tmp, _, bad_id = setup
+    brief = evaluate_job.main(["--checkpoint", str(tmp / "ckpt"), "--data-root", str(tmp / "data"),
+                               "--classifier", str(tmp / "clf.pt"), "--out", str(tmp / "eval")])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == brief and brief["skipped"] == 1
+    report = json.loads((tmp / "eval" / "metrics.json").read_text())
+    rows = report["rows"]
+    assert set(rows) == {"model", "identity", "untrained", "real"}
+    for row in ("model", "identity", "untrained"):
+        for direction in ("a2b", "b2a"):
+            vals = rows[row][direction]
+            assert vals["images"] == (2 if direction == "a2b" else 3)
+            for key in ("cls", "cls_masked", "bg_err", "inst", "iou", "img_survive", "img_shape"):
+                assert vals[key] is not None and vals[key] >= 0.0, (row, direction, key)
+    for direction in ("a2b", "b2a"):  # the identity floor is exact
+        ident = rows["identity"][direction]
+        assert ident["bg_err"] == 0.0 and ident["inst"] == 1.0 and ident["iou"] == 1.0 and ident["img_survive"] == 1.0
+        # and the identity's classification score is the classifier's error on the real source images
+        src = "a" if direction == "a2b" else "b"
+        assert ident["cls"] == pytest.approx(1.0 - rows["real"][src]["acc"])
+    assert rows["model"]["a2b"]["bg_err"] > 0.0  # one training step is far from the identity
+    assert report["skipped"] == [{"domain": "a", "id": bad_id, "reason": report["skipped"][0]["reason"]}]
+    assert "Error" in report["skipped"][0]["reason"]
+    assert report["mask_mode"] == "instances" and report["classifier"]["arch"] == "resnet18"
+    with Image.open(tmp / "eval" / "grid.png") as im:  # 4 columns of 64 px, 2 + 3 rows and a gap, scale 2
+        assert im.size == (2 * 4 * 64, 2 * (5 * 64 + 4))
+
+
+def test_evaluate_rejects_a_missing_split(setup, capsys):
+    tmp, _, _ = setup
+    with pytest.raises(SystemExit) as e:
+        evaluate_job.main(["--checkpoint", str(tmp / "ckpt"), "--data-root", str(tmp / "data"), "--split", "nope",
+                           "--out", str(tmp / "eval_nope")])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
