@@ -80,11 +80,16 @@ def load_config(args: argparse.Namespace) -> Config:
         values = yaml.safe_load(args.config.read_text()) or {}  # YAML is a superset of JSON
         if not isinstance(values, dict):
             raise ValueError(f"{args.config}: the top level must be a mapping of sections")
-    cfg = Config.from_dict(values)
-    dotted = {k: v for k, v in (("run.name", args.name), ("run.storage_path", args.storage_path),
-                                ("run.workers", args.workers), ("run.max_steps", args.max_steps),
-                                ("data.root", args.data_root)) if v is not None}
-    for item in args.overrides:
+    shortcuts = {"run.name": args.name, "run.storage_path": args.storage_path, "run.workers": args.workers,
+                 "run.max_steps": args.max_steps, "data.root": args.data_root}
+    return apply_overrides(Config.from_dict(values), shortcuts, args.overrides)
+
+
+def apply_overrides(cfg: Config, shortcuts: dict, overrides: list[str]) -> Config:
+    """Shortcut flags (dotted key -> value or None), then --set SECTION.KEY=VALUE items; the storage path made
+    absolute. Raises ValueError naming a bad item or key."""
+    dotted = {k: v for k, v in shortcuts.items() if v is not None}
+    for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")

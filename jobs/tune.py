@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:  # `python jobs/tune.py` puts jobs/, not the repo 
     sys.path.insert(0, str(ROOT))
 
 from instagan.config import Config  # noqa: E402
+from jobs.train import apply_overrides  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "tune_synthetic.yaml"
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "choice": None, "grid": None}  # name -> number of arguments
@@ -132,18 +133,8 @@ def load_sweep(args: argparse.Namespace) -> tuple[Config, dict]:
         more = yaml.safe_load(args.space.read_text()) or {}
         space.update(more.get("space", more) if isinstance(more, dict) else {"<file>": more})
     space.update(parse_search(item) for item in args.search)
-    dotted = {k: v for k, v in (("run.name", args.name), ("run.storage_path", args.storage_path),
-                                ("data.root", args.data_root)) if v is not None}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        dotted[key.strip()] = value.strip()
-    cfg = Config.from_dict(values).replace(**dotted)
-    storage = cfg.run.storage_path or "~/ray_results"
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    cfg = cfg.replace(**{"run.storage_path": storage})
+    shortcuts = {"run.name": args.name, "run.storage_path": args.storage_path, "data.root": args.data_root}
+    cfg = apply_overrides(Config.from_dict(values), shortcuts, args.overrides)
     if cfg.run.val_every < 1:
         raise ValueError("a sweep needs validation reports: set run.val_every > 0 (steps between validations)")
     return cfg, check_space(space, cfg)
