@@ -49,6 +49,13 @@ class TrainConfig:
     pool_size: int = 50  # history pool of generated samples shown to D (CycleGAN image pool)
     batch_size: int = 1  # images per domain per step on one worker
     seed: int = 0  # seeds weights, pools and data order
+    # mixed precision of the networks' forward and backward: "none" (fp32) or "bf16" (autocast; weights, Adam state
+    # and losses stay fp32). bf16 is the fast path on GPUs and on CPUs with AVX512-BF16/AMX.
+    amp: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"train.amp must be 'none' or 'bf16', got {self.amp!r}")
 
 
 @dataclass(frozen=True)

@@ -204,10 +204,13 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
 
     batch_x: {"img": (B, 3, H, W), "masks": (B, N, H, W), "valid": (B, N)} (any instance order; sorted here).
     n_chunks: chunk steps to run (default: what this batch needs); data-parallel ranks must pass the same value.
+    amp_dtype: autocast dtype (default: cfg.train.amp).
     Returns flat metrics averaged over chunks (`loss/G_gan_ab`, `loss/D_b`, ...).
     """
     cfg, nets, dev = state.cfg, state.nets, state.device
     t, lam = cfg.train, cfg.loss
+    if amp_dtype is None and t.amp == "bf16":
+        amp_dtype = torch.bfloat16
     union = cfg.model.arch != "instagan"
     a, b = prepare_batch(batch_a, t.ins_max, dev, union), prepare_batch(batch_b, t.ins_max, dev, union)
     # The baselines translate all instances (their union) in one step, whatever count the ranks agreed on.

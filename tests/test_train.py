@@ -185,3 +185,19 @@ def _activation_peak(ins: int) -> int:
 def test_activation_memory_does_not_grow_with_instances():
     small, large = _activation_peak(4), _activation_peak(16)
     assert large <= 1.15 * small, (small, large)
+
+
+def test_bf16_config_runs_the_step_under_autocast_and_keeps_fp32_state():
+    with pytest.raises(ValueError, match="train.amp"):
+        tiny_cfg(amp="fp8")
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Conv2d) else None)
+    try:
+        state = T.TrainState.create(tiny_cfg(amp="bf16"))
+        metrics = T.train_step(state, *batches(0))
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen  # convolutions ran in bf16
+    assert all(p.dtype == torch.float32 and p.grad is None for n in T.NETS for p in state.nets[n].parameters())
+    assert all(math.isfinite(v) for v in metrics.values())
