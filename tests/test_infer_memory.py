@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 256  # image side: large enough that a chunk's activations dwarf the process's noise
 PROBE = r"""
-import json, os, resource, sys
+import json, os, sys
 import numpy as np
 import torch
 torch.set_num_threads(1)
@@ -37,12 +37,18 @@ for k in range(n):  # disjoint rectangles of different areas, on a 5 x 5 grid
     r, c = divmod(k, 5)
     masks[k, r * cell:(r + 1) * cell - k % 3, c * cell:(c + 1) * cell] = True
 img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-page = os.sysconf("SC_PAGE_SIZE")
-base = int(open("/proc/self/statm").read().split()[1]) * page
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS: set-up peaks do not count
+    f.write("5")
+base = status("VmRSS")
+before = status("VmHWM")
 res = tr.translate_arrays([(img, masks)], size=0)[0]  # native size: what jobs/translate.py --size native runs
 ok = bool(res.translated.all()) and res.masks.shape == masks.shape
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"work": peak - base, "before": before - base, "ok": ok}))
 """
 
