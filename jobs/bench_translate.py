@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=max(4, args.threads + 2), log_to_driver=False)
+    ray.init(num_cpus=max(4, args.threads + 2), log_to_driver=False, include_dashboard=False)  # as jobs/translate.py
     ray_init = time.perf_counter() - t0
     walls = {}
     for name, n in (("small", n_small), ("full", args.n)):
