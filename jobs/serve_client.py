@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:  # `python jobs/serve_client.py` puts jobs/, not t
 
 from data_prep.rows import UsageError  # noqa: E402
 from instagan.data import decode_masks  # noqa: E402
-from jobs.translate import iter_input_rows, resolve_input  # noqa: E402
+from jobs.translate import add_input_arguments, iter_input_rows, resolve_input  # noqa: E402
 
 RETRY_STATUS = {502, 503, 504}
 MAX_SHOWN = 20  # failures listed in the printed summary
@@ -213,12 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the Serve app's base URL")
     p.add_argument("--input", required=True, help="Parquet data set/file/folder, InstaGAN folder or COCO json")
-    p.add_argument("--kind", choices=("auto", "parquet", "folder", "coco"), default="auto")
-    p.add_argument("--direction", choices=("a2b", "b2a"), help="sends its source domain (default: the server's)")
-    p.add_argument("--split", help="split of a data_prep set, or phase of an InstaGAN folder (needed if several)")
-    p.add_argument("--images", help="COCO: the image folder")
-    p.add_argument("--a", help="COCO: category name(s) of domain a")
-    p.add_argument("--b", help="COCO: category name(s) of domain b")
+    add_input_arguments(p, direction_default=None, direction_help="sends its source domain (default: the server's)")
     p.add_argument("--out", type=Path, help="output folder (translation mode)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")

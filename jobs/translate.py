@@ -461,18 +461,23 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
     return summary
 
 
+def add_input_arguments(p: argparse.ArgumentParser, direction_default: str | None, direction_help: str) -> None:
+    """The flags that pick the input rows (resolve_input's arguments); shared with jobs/serve_client.py."""
+    p.add_argument("--kind", choices=("auto", "parquet", "folder", "coco"), default="auto")
+    p.add_argument("--direction", choices=("a2b", "b2a"), default=direction_default, help=direction_help)
+    p.add_argument("--split", help="split of a data_prep set, or phase of an InstaGAN folder (needed if several)")
+    p.add_argument("--images", help="COCO: the image folder")
+    p.add_argument("--a", help="COCO: category name(s) of domain a")
+    p.add_argument("--b", help="COCO: category name(s) of domain b")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python jobs/translate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (state.pt + config.json)")
     p.add_argument("--input", required=True, help="Parquet data set/file/folder, InstaGAN folder or COCO json")
     p.add_argument("--out", required=True, help="output folder or URI (part files, skipped and run reports)")
-    p.add_argument("--kind", choices=("auto", "parquet", "folder", "coco"), default="auto")
-    p.add_argument("--direction", choices=("a2b", "b2a"), default="a2b")
-    p.add_argument("--split", help="split of a data_prep set, or phase of an InstaGAN folder (needed if several)")
-    p.add_argument("--images", help="COCO: the image folder")
-    p.add_argument("--a", help="COCO: category name(s) of domain a")
-    p.add_argument("--b", help="COCO: category name(s) of domain b")
+    add_input_arguments(p, direction_default="a2b", direction_help="a2b translates domain a")
     p.add_argument("--threshold", type=int, default=128, help="folder: mask pixels >= this are instance pixels")
     p.add_argument("--size", choices=("model", "native"), default="model",
                    help="model: resize to the training size and back (default); native: the input's own size")
