@@ -8,14 +8,12 @@ from instagan.config import Config
 from instagan.infer import Translator
 from instagan.synthetic import make_batch
 from instagan.train import TrainState, train_step
+from tests.conftest import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 32, "load_size": 32}})
-    state = TrainState.create(cfg)
-    train_step(state, make_batch("a", 2, 32), make_batch("b", 2, 32))
-    return checkpoint.save(state, tmp_path_factory.mktemp("ckpt"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), 32)
 
 
 def test_loads_one_generator_and_matches_a_single_call_when_one_chunk_suffices(ckpt):

@@ -14,13 +14,10 @@ import pytest
 import requests
 from PIL import Image
 
-from instagan import checkpoint
-from instagan.config import Config
 from instagan.infer import Translator
-from instagan.synthetic import make_batch
-from instagan.train import TrainState, train_step
 from jobs import serve_client
 from jobs.serve import Limits, translate_isolated
+from tests.conftest import tiny_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shp2gir_coco_sample"
 LIMITS = Limits(max_bytes=1_000_000, max_instances=8, max_pixels=400 * 400)  # the sample has up to 8 sheep
@@ -54,10 +51,7 @@ def decode(answer: dict) -> tuple[np.ndarray, list[np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 64, "load_size": 64}})
-    state = TrainState.create(cfg)
-    train_step(state, make_batch("a", 2, 64), make_batch("b", 2, 64))
-    return checkpoint.save(state, tmp_path_factory.mktemp("ckpt"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), 64)
 
 
 @pytest.fixture(scope="module")
