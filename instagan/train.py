@@ -31,7 +31,8 @@ from torch.nn.utils import parametrize
 from instagan import losses as L
 from instagan import masks as M
 from instagan.config import Config
-from instagan.networks import build_discriminator, build_generator
+from instagan.memory import release_free_heap
+from instagan.networks import build_discriminator, build_generator, lean_saved_tensors
 from instagan.pool import HistoryPool
 
 NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
@@ -219,8 +220,11 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     dirs = {"ab": Direction(a, a["img"]), "ba": Direction(b, b["img"])}
     g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
     D_a, D_b = unwrap(nets["D_a"]), unwrap(nets["D_b"])
-    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # No autocast weight cache: it would keep a low-precision copy of every weight until the pass ends, while
+    # lean_saved_tensors lets each copy go as soon as its conv has run (a re-cast costs far less than a conv).
+    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
     sums: dict[str, Tensor] = {}
+    trim = t.trim_heap and dev.type == "cpu"  # instagan.memory: bounds the resident set by the largest pass
 
     for m in range(n_chunks):
         ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, ins_per) for k, d in dirs.items()}
@@ -238,7 +242,9 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
             G, F, D = (nets["G_ab"], nets["G_ba"], D_b) if k == "ab" else (nets["G_ba"], nets["G_ab"], D_a)
             if i == len(passes) - 1:
                 sync.close()
-            with autocast:
+            if trim and kind == "main":
+                release_free_heap()
+            with autocast, lean_saved_tensors():
                 if kind == "idt":
                     idt = _identity_loss(F, dirs[k], *ch[k], active[k])
                     loss = lam.lambda_idt * idt
@@ -263,13 +269,15 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
             d.fake_masks.append(outs[k][1].detach().to(d.x.dtype))
             d.fake_valid.append(ch[k][1])
 
+        if trim:
+            release_free_heap()
         # Discriminator step: D_b judges real b against pooled fakes of G_ab, D_a likewise (one backward each).
         # Spectral-norm weights are computed once per D (cached) so checkpointed groups recompute exactly.
         for k, name, real in (("ab", "D_b", b), ("ba", "D_a", a)):
             d = dirs[k]
             fake = state.pools[name[-1]].query(d.x, torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), active[k])
             with parametrize.cached():
-                with autocast:
+                with autocast, lean_saved_tensors():
                     loss_d = _discriminator_loss(nets[name], real, fake, active[k], group=len(d.x) * ins_per)
                 loss_d.backward()
             metrics[f"loss/{name}"] = loss_d.detach()
