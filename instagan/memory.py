@@ -4,8 +4,8 @@ A CPU training step frees and re-allocates hundreds of MB of activations per pas
 its heap (resident) unless it sits at the very top, so the process's resident set creeps towards the sum of
 every pass's high-water marks instead of the largest one. `release_free_heap` (glibc `malloc_trim(0)`) returns
 the free pages to the OS; the next pass faults them in again. `instagan.train.train_step` calls it before each
-generator translate-and-reconstruct pass and before the discriminator step when `train.trim_heap` is on
-(CPU only).
+chunk's last generator pass (its peak: a translate-and-reconstruct pass with both generators' gradients
+allocated) and before the discriminator step, when `train.trim_heap` is on (CPU only).
 
     from instagan.memory import release_free_heap
     release_free_heap()   # True where glibc's malloc_trim exists (Linux/glibc); False elsewhere (a no-op)

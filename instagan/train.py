@@ -224,7 +224,7 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     # lean_saved_tensors lets each copy go as soon as its conv has run (a re-cast costs far less than a conv).
     autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
     sums: dict[str, Tensor] = {}
-    trim = t.trim_heap and dev.type == "cpu"  # instagan.memory: bounds the resident set by the largest pass
+    trim = t.trim_heap and dev.type == "cpu"  # instagan.memory: before the last G pass and before the D step
 
     for m in range(n_chunks):
         ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, ins_per) for k, d in dirs.items()}
@@ -242,8 +242,8 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
             G, F, D = (nets["G_ab"], nets["G_ba"], D_b) if k == "ab" else (nets["G_ba"], nets["G_ab"], D_a)
             if i == len(passes) - 1:
                 sync.close()
-            if trim and kind == "main":
-                release_free_heap()
+                if trim:  # the step's peak: a full pass with both generators' gradients allocated
+                    release_free_heap()
             with autocast, lean_saved_tensors():
                 if kind == "idt":
                     idt = _identity_loss(F, dirs[k], *ch[k], active[k])
