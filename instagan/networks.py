@@ -103,7 +103,7 @@ def lean_saved_tensors():
     """Forward passes run inside this keep less for backward, with the same gradients:
 
     - A low-precision copy of a parameter (what autocast makes for each conv) is kept as the parameter and cast
-      again in backward, instead of one more copy of the weights per pass (about 120 MB for a generator step's
+      again in backward, instead of one more copy of the weights per pass (about 100 MB for a generator step's
       translate-and-reconstruct pass; run autocast with cache_enabled=False so the copies go right away).
     - A reflection-padded activation (ReflectionPad2d) is kept as its unpadded input and padded again.
     Parameters must not change between a forward and its backward (true of any optimizer step after backward).
