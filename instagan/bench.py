@@ -7,8 +7,8 @@ Builds G_ab, G_ba, D_a, D_b at the given widths (default: the paper's, ngf = ndf
 `--steps` timed training steps (every chunk's G and D steps) on batches with exactly `--ins` instances per image
 in each domain. Reports samples/s (one sample = one image of each domain), FLOP per sample counted by
 torch.utils.flop_counter over one extra step, achieved FLOP/s, and peak memory: the process's peak RSS on CPU,
-max allocated on GPU, read before the FLOP-counting step. Compare runs only on the same machine; run each configuration in its own process, since
-peak RSS is a high-water mark over the whole process.
+max allocated on GPU, read before the FLOP-counting step. Compare runs only on the same machine; run each
+configuration in its own process, since peak RSS is a high-water mark over the whole process.
 """
 
 from __future__ import annotations
