@@ -38,6 +38,12 @@ def _init_weights(module: nn.Module) -> None:
 _lean = threading.local()  # .on: inside lean_saved_tensors() on this thread
 
 
+def _reflect(x: Tensor, padding) -> Tensor:
+    """Reflection padding in x's own dtype, whatever autocast would choose."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.ops.aten.reflection_pad2d(x, list(padding))
+
+
 class _ReflectionPad(torch.autograd.Function):
     """Reflection padding whose backward keeps no tensor (its gradient reads only the input's shape). Inside
     `lean_saved_tensors()` its node also holds the input, so the padded output can be rebuilt from it."""
@@ -46,8 +52,7 @@ class _ReflectionPad(torch.autograd.Function):
     def forward(ctx, x: Tensor, padding: tuple[int, int, int, int]) -> Tensor:
         ctx.in_shape, ctx.padding = x.shape, padding
         ctx.source = x if getattr(_lean, "on", False) else None
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.ops.aten.reflection_pad2d(x, list(padding))
+        return _reflect(x, padding)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -69,8 +74,7 @@ class ReflectionPad2d(nn.ReflectionPad2d):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _ReflectionPad.apply(x, tuple(self.padding))
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x)
+        return _reflect(x, self.padding)
 
 
 def _pack_lean(t: Tensor):
@@ -92,10 +96,7 @@ def _unpack_lean(packed):
     kind, source, arg, version = packed
     if source._version != version:
         raise RuntimeError(f"a tensor saved for backward as its {kind} source was modified in place since")
-    if kind == "pad":
-        with torch.autocast(source.device.type, enabled=False):
-            return torch.ops.aten.reflection_pad2d(source, list(arg))
-    return source.to(arg)
+    return _reflect(source, arg) if kind == "pad" else source.to(arg)
 
 
 @contextlib.contextmanager
