@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = Config.from_dict({
         "model": {"ngf": args.ngf, "ndf": args.ndf, "n_blocks": args.n_blocks},
         "train": {"ins_max": args.ins_max, "ins_per": args.ins_per, "batch_size": args.batch,
-                  "trim_heap": args.trim_heap},
+                  "memory": args.memory},
         "data": {"size": args.size, "load_size": args.size},
     })
     state = TrainState.create(cfg, device)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "size": args.size, "batch": args.batch, "ins": args.ins, "ins_max": args.ins_max, "ins_per": args.ins_per,
         "ngf": args.ngf, "ndf": args.ndf, "device": str(device), "amp": args.amp, "threads": torch.get_num_threads(),
-        "steps": args.steps, "warmup": args.warmup, "trim_heap": args.trim_heap,
+        "steps": args.steps, "warmup": args.warmup, "memory": args.memory,
         "samples_per_s": samples_per_s, "s_per_sample": 1 / samples_per_s,
         "flop_per_sample": flop_per_sample, "tflop_per_sample": flop_per_sample / 1e12,
         "achieved_gflop_per_s": flop_per_sample * samples_per_s / 1e9,
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--trim-heap", action=argparse.BooleanOptionalAction, default=True,
-                   help="train.trim_heap: give freed heap pages back to the OS between passes (CPU)")
+    p.add_argument("--memory", choices=("auto", "lean", "plain"), default="auto",
+                   help="train.memory: the step's memory machinery (auto: lean for paper-size steps)")
     p.add_argument("--ngf", type=int, default=64)
     p.add_argument("--ndf", type=int, default=64)
     p.add_argument("--n-blocks", type=int, default=9)

@@ -5,10 +5,11 @@ its heap (resident) unless it sits at the very top, so the process's resident se
 every pass's high-water marks instead of the largest one. `release_free_heap` (glibc `malloc_trim(0)`) returns
 the free pages to the OS; the next pass faults them in again. `instagan.train.train_step` calls it before each
 chunk's last generator pass (its peak: a translate-and-reconstruct pass with both generators' gradients
-allocated) and before the discriminator step, when `train.trim_heap` is on (CPU only).
+allocated) and before the discriminator step, when the step runs lean (`use_lean`) on the CPU.
 
-    from instagan.memory import release_free_heap
+    from instagan.memory import release_free_heap, use_lean
     release_free_heap()   # True where glibc's malloc_trim exists (Linux/glibc); False elsewhere (a no-op)
+    use_lean(cfg)         # train.memory: "lean", "plain", or "auto" (the rule below)
 """
 
 from __future__ import annotations
@@ -39,3 +40,18 @@ def release_free_heap() -> bool:
         return False
     fn(0)
     return True
+
+
+# train.memory "auto": lean from this many ngf x pixels per image up. The paper model at 128 px is 64 x 128^2 = 1.0M
+# (lean: peak RSS 2.87 -> 2.29 GB, step time within noise); the small model of the README and the quality harness
+# is 16 x 64^2 = 66k, where the step is mostly per-op overhead and lean only costs time (bf16, 1 thread: 2.59 vs
+# 2.41 CPU-s a step with only the heap trim off; README "Benchmark").
+LEAN_FROM = 256 * 1024
+
+
+def use_lean(cfg) -> bool:
+    """Whether a training step of `cfg` runs the memory machinery (train.memory; "auto": see LEAN_FROM)."""
+    mode = cfg.train.memory
+    if mode != "auto":
+        return mode == "lean"
+    return cfg.model.ngf * cfg.data.size ** 2 >= LEAN_FROM
