@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -23,10 +24,22 @@ class ModelConfig:
     # "instagan"; ablation baselines (paper fig. 9): "cyclegan" (image only; double ngf for a fair size, as the
     # paper did) or "cyclegan_seg" (image + the union of the masks as one extra channel, translated jointly)
     arch: str = "instagan"
+    # Levers beyond the paper (off = the paper's recipe; README "Quality" has what each did):
+    composite: bool = False  # output = input outside the input and translated masks; G paints only inside them
+    mask_cond: bool = False  # the image decoder sees the input and translated mask unions
+    paint: str = "direct"  # the image decoder's output is the image ("direct"), a change of it ("residual") or a
+    # colour with a copy gate ("gated")
+    upsample: str = "deconv"  # "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv 3x3)
+    d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
+    d_img_head: bool = False  # D has a second head judging the image alone
 
     def __post_init__(self) -> None:
         if self.arch not in ("instagan", "cyclegan", "cyclegan_seg"):
             raise ValueError(f"model.arch must be 'instagan', 'cyclegan' or 'cyclegan_seg', got {self.arch!r}")
+        if self.upsample not in ("deconv", "resize"):
+            raise ValueError(f"model.upsample must be 'deconv' or 'resize', got {self.upsample!r}")
+        if self.paint not in ("direct", "residual", "gated"):
+            raise ValueError(f"model.paint must be 'direct', 'residual' or 'gated', got {self.paint!r}")
 
 
 @dataclass(frozen=True)
@@ -34,12 +47,17 @@ class LossConfig:
     lambda_cyc: float = 10.0  # cycle loss weight (paper and ref: 10)
     lambda_idt: float = 10.0  # identity loss weight (paper: 10; ref: 10 * 1.0)
     lambda_ctx: float = 10.0  # context-preserving loss weight (paper: 10; ref: 10 * 1.0)
+    lambda_gan: float = 1.0  # adversarial loss weight of the generators (paper: 1)
+    # beyond the paper (0 = off): a segmenter trained on real images must find the translated masks' union in the
+    # translated image, within the pixels the chunk may change (instagan.networks.Segmenter)
+    lambda_seg: float = 0.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     lr_g: float = 2e-4  # Adam lr of both generators (paper 2e-4)
     lr_d: float = 1e-4  # Adam lr of both discriminators (paper 1e-4; ref uses 2e-4)
+    lr_s: float = 1e-3  # Adam lr of the segmenter (only with loss.lambda_seg > 0)
     beta1: float = 0.5  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     epochs: int = 100  # epochs at constant lr (paper COCO: 100)
@@ -52,13 +70,17 @@ class TrainConfig:
     # mixed precision of the networks' forward and backward: "none" (fp32) or "bf16" (autocast; weights, Adam state
     # and losses stay fp32). bf16 is the fast path on GPUs and on CPUs with AVX512-BF16/AMX.
     amp: str = "none"
-    # CPU: return freed heap memory to the OS before the last generator pass and the discriminator step of a chunk
-    # (instagan.memory). Lowers peak RSS (paper model, 128x128, bf16: 2.48 -> 2.28 GB) for about 3% of step time.
-    trim_heap: bool = True
+    # Memory machinery of the training step (instagan.memory): "lean" keeps less for backward (dtype-preserving
+    # padding, saved-tensor hooks, discriminator instance features recomputed in groups) and, on CPU, returns
+    # freed heap to the OS twice per chunk; "plain" runs the step without it; "auto" picks lean for paper-size
+    # steps and plain for small ones (instagan.memory.use_lean has the rule and the numbers behind it).
+    memory: str = "auto"
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"train.amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.memory not in ("auto", "lean", "plain"):
+            raise ValueError(f"train.memory must be 'auto', 'lean' or 'plain', got {self.memory!r}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +185,29 @@ class Config:
         unknown = sorted(set(values) - set(_SECTIONS))
         if unknown:
             raise ValueError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
+        train = values.get("train")
+        if isinstance(train, dict) and "trim_heap" in train:  # config.json of checkpoints before train.memory
+            train = dict(train)
+            trim = train.pop("trim_heap")
+            train.setdefault("memory", "lean" if trim in (True, "true", "True", 1) else "plain")
+            values["train"] = train
         return cls(**{k: _section_from_dict(c, values.get(k, {}), k) for k, c in _SECTIONS.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        """A YAML (or JSON) config file with the sections above. Raises ValueError naming the file."""
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -73,7 +73,7 @@ class Translator:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
         cfg, payload = checkpoint.load(directory)
-        G = build_generator(cfg.model.arch, cfg.model.ngf, cfg.model.n_blocks)
+        G = build_generator(cfg.model)
         G.load_state_dict(payload[DIRECTIONS[direction]])
         tr = cls(G, **kwargs)
         tr.config = cfg

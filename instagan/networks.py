@@ -144,14 +144,54 @@ def _encoder(cin: int, ngf: int, n_blocks: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _decoder(cin: int, cout: int) -> nn.Sequential:
-    """(B, cin, h, w) -> (B, cout, 4h, 4w) in [-1, 1]: two stride-2 transposed convs halving width, conv 7x7, tanh."""
+UPSAMPLE = ("deconv", "resize")  # ModelConfig.upsample
+PAINT = ("direct", "residual", "gated")  # ModelConfig.paint
+
+
+def _up(cin: int, cout: int, upsample: str) -> nn.Module:
+    """x2 upsampling: the authors' transposed conv 3x3 stride 2, or nearest resize + conv 3x3 (no checkerboard;
+    the same number of weights)."""
+    if upsample == "deconv":
+        return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
+    if upsample == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), ReflectionPad2d(1), nn.Conv2d(cin, cout, 3))
+    raise ValueError(f"unknown upsample {upsample!r}, expected one of {UPSAMPLE}")
+
+
+def _decoder(cin: int, cout: int, upsample: str = "deconv") -> nn.Sequential:
+    """(B, cin, h, w) -> (B, cout, 4h, 4w) in [-1, 1]: two x2 upsamplings halving width, conv 7x7, tanh."""
     layers: list[nn.Module] = []
     for c in (cin, cin // 2):
-        layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
-                   nn.InstanceNorm2d(c // 2), nn.ReLU(inplace=True)]
+        layers += [_up(c, c // 2, upsample), nn.InstanceNorm2d(c // 2), nn.ReLU(inplace=True)]
     layers += [ReflectionPad2d(3), nn.Conv2d(cin // 4, cout, 7), nn.Tanh()]
     return nn.Sequential(*layers)
+
+
+class CondDecoder(nn.Module):
+    """The image decoder told where the instances are and will be: `cond` (B, k, H, W) maps (e.g. the union of
+    the input masks and of the translated masks) are concatenated, resized, to the input of each of its three
+    stages. (B, cin, h, w), (B, k, 4h, 4w) -> (B, cout, 4h, 4w) in [-1, 1]."""
+
+    def __init__(self, cin: int, cout: int, k: int, upsample: str = "deconv"):
+        super().__init__()
+        self.up1 = nn.Sequential(_up(cin + k, cin // 2, upsample), nn.InstanceNorm2d(cin // 2), nn.ReLU(inplace=True))
+        self.up2 = nn.Sequential(_up(cin // 2 + k, cin // 4, upsample), nn.InstanceNorm2d(cin // 4),
+                                 nn.ReLU(inplace=True))
+        self.out = nn.Sequential(ReflectionPad2d(3), nn.Conv2d(cin // 4 + k, cout, 7), nn.Tanh())
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        cond = cond.to(x.dtype)
+        for stage, scale in ((self.up1, 4), (self.up2, 2)):
+            x = stage(torch.cat([x, nn.functional.avg_pool2d(cond, scale)], 1))
+        return self.out(torch.cat([x, cond], 1))
+
+
+def paint_weight(masks: Tensor, valid: Tensor) -> Tensor:
+    """Where a composite takes the generator's pixels: clamp(sum over valid instances of relu(mask), 0, 1).
+    Exactly 0 wherever every mask is <= 0 (background, as the metrics count it), 1 inside a confident instance,
+    soft at uncertain edges. (B, N, H, W), (B, N) -> (B, 1, H, W) fp32."""
+    fg = masks.float().clamp(min=0) * valid[:, :, None, None].float()
+    return fg.sum(dim=1, keepdim=True).clamp(max=1)
 
 
 def _gather_instances(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,16 +223,35 @@ class SetGenerator(nn.Module):
     img (B, 3, H, W) in [-1, 1], masks (B, N, H, W), valid (B, N) -> img_out (B, 3, H, W), masks_out (B, N, H, W).
     H and W must be multiples of 4. img_out is invariant and masks_out equivariant to the order of instances;
     padding slots come out as -1 (empty).
+
+    Options beyond the paper (all off by default; ModelConfig documents what each did in our measurements):
+    - composite: img_out = img * (1 - u) + g * u with u = `paint_weight` of the input and translated masks (the
+      authors' "cut, translate, paste back"): pixels outside every instance are the input's exactly, and the
+      generator only paints the objects and the area they vacate.
+    - mask_cond: the image decoder also sees the union of the input masks and of the translated masks
+      (`CondDecoder`), so the image can follow the new shapes.
+    - paint: how the image decoder's output d (tanh) becomes the painted image g. "direct" (the paper): g = d.
+      "residual": g = clamp(img + 2 d, -1, 1), a change of the input: a pixel that should stay needs d = 0 (where tanh has its
+      largest gradient), so objects keep their colours where their shape does not change. "gated": d has a
+      fourth channel, a gate a in [0, 1], and g = a * img + (1 - a) * d (attention-guided painting as in
+      GANimation); measured to collapse to a = 1, copying the input everywhere (README "Quality").
+    - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
     """
 
     mask_mode = "instances"  # one translated mask per input slot (ImageGenerator: "none" or "union")
 
-    def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3):
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
+                 mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct"):
         super().__init__()
+        if paint not in PAINT:
+            raise ValueError(f"unknown paint {paint!r}, expected one of {PAINT}")
+        self.composite, self.mask_cond, self.paint = composite, mask_cond, paint
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
         self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
-        self.dec_img = _decoder(8 * ngf, img_channels)  # g_GX on [f_GX(x); s]
-        self.dec_mask = _decoder(12 * ngf, 1)  # g_GA on [f_GA(a_n); f_GX(x); s]
+        # g_GX on [f_GX(x); s] (+ one gate channel)
+        cout = img_channels + (paint == "gated")
+        self.dec_img = (CondDecoder(8 * ngf, cout, 2, upsample) if mask_cond else _decoder(8 * ngf, cout, upsample))
+        self.dec_mask = _decoder(12 * ngf, 1, upsample)  # g_GA on [f_GA(a_n); f_GX(x); s]
         _init_weights(self)
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,13 +260,28 @@ class SetGenerator(nn.Module):
         sel, owner, weight = _gather_instances(masks, valid)
         feat_ins = self.enc_mask(sel)
         feat_set = _set_sum(feat_ins, owner, weight, b)
-        img_out = self.dec_img(torch.cat([feat_img, feat_set], 1))
         dec = self.dec_mask(torch.cat([feat_ins, feat_img[owner], feat_set[owner]], 1))
         masks_out = torch.full_like(masks, -1.0, dtype=dec.dtype)
         if valid.any():
             masks_out = masks_out.masked_scatter(valid[:, :, None, None].expand_as(masks_out), dec)
+        feat = torch.cat([feat_img, feat_set], 1)
+        if self.mask_cond:
+            cond = torch.cat([paint_weight(masks, valid), paint_weight(masks_out.detach(), valid)], 1)
+            img_out = self.dec_img(feat, cond)
         else:
+            img_out = self.dec_img(feat)
+        if not valid.any():
             img_out = img_out + 0.0 * dec.sum()  # keeps the mask decoder in the graph (see module docstring)
+        if self.paint == "residual":
+            img_out = (img.float() + 2 * img_out.float()).clamp(-1, 1)  # images stay in [-1, 1]
+        elif self.paint == "gated":
+            keep = (img_out[:, -1:].float() + 1) / 2  # tanh -> [0, 1]
+            img_out = keep * img.float() + (1 - keep) * img_out[:, :-1].float()
+        if self.composite:
+            # Detached: image losses must not move the masks through u (they learn to grow over whatever the
+            # generator paints, measured), the image follows the masks.
+            u = paint_weight(torch.cat([masks, masks_out.detach()], 1), torch.cat([valid, valid], 1))
+            img_out = img.float() * (1 - u) + img_out.float() * u
         return img_out, masks_out
 
 
@@ -231,30 +305,51 @@ def _feature_extractor(cin: int, ndf: int) -> nn.Sequential:
 class SetDiscriminator(nn.Module):
     """InstaGAN discriminator: PatchGAN 70x70 over [f_DX(x); sum_i f_DA(a_i)], spectral norm on every conv.
 
-    img (B, 3, H, W), masks (B, N, H, W), valid (B, N) -> (B, 1, H/8 - 2, W/8 - 2) least-squares scores.
-    Invariant to the order of instances. `set_feature` and `classify` split the forward so a caller can add
+    img (B, 3, H, W), masks (B, N, H, W), valid (B, N) -> (B, 1, H/8 - 2, W/8 - 2) least-squares scores (2
+    channels with img_head). Invariant to the order of instances. `set_feature` and `classify` split the forward so a caller can add
     the features of masks it holds fixed (computed once without gradients) to those of new masks:
     D(x, a1 + a2) == D.classify(x, D.set_feature(a1) + D.set_feature(a2)).
+
+    Options beyond the paper (off by default), so that D cannot be satisfied by the masks alone:
+    - inst_img: the instance branch sees each mask together with the image inside it ([a_i; x * a_i], 4
+      channels), so a mask of the right shape over pixels of the wrong shape does not pass. `set_feature` then
+      needs the image.
+    - img_head: a second PatchGAN head on the image features alone; the scores are then (B, 2, h, w), the joint
+      head's and the image head's, and the least-squares losses average over both.
     """
 
-    def __init__(self, ndf: int = 64, img_channels: int = 3):
+    def __init__(self, ndf: int = 64, img_channels: int = 3, inst_img: bool = False, img_head: bool = False):
         super().__init__()
+        self.inst_img = inst_img
         self.feat_img = _feature_extractor(img_channels, ndf)  # f_DX
-        self.feat_mask = _feature_extractor(1, ndf)  # f_DA
+        self.feat_mask = _feature_extractor(1 + img_channels * inst_img, ndf)  # f_DA
         self.classifier = nn.Sequential(
             _sn_conv(8 * ndf, 16 * ndf, 1), nn.InstanceNorm2d(16 * ndf), nn.LeakyReLU(0.2, inplace=True),
             _sn_conv(16 * ndf, 1, 1),
         )
+        self.img_head = nn.Sequential(
+            _sn_conv(4 * ndf, 8 * ndf, 1), nn.InstanceNorm2d(8 * ndf), nn.LeakyReLU(0.2, inplace=True),
+            _sn_conv(8 * ndf, 1, 1),
+        ) if img_head else None
 
-    def set_feature(self, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
+    def _instances(self, masks: Tensor, valid: Tensor, img: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        sel, owner, weight = _gather_instances(masks, valid)
+        if self.inst_img:
+            if img is None:
+                raise ValueError("this discriminator's instance branch sees the image (inst_img): pass img")
+            sel = torch.cat([sel.to(img.dtype), img[owner] * ((sel.to(img.dtype) + 1) / 2)], 1)
+        return sel, owner, weight
+
+    def set_feature(self, masks: Tensor, valid: Tensor, group: int = 0, img: Tensor | None = None) -> Tensor:
         """Sum of f_DA over each image's valid instances: (B, N, H, W), (B, N) -> (B, 4 ndf, H/8, W/8).
 
         group > 0: with gradients on and more than `group` instances in the batch, features are computed in
         checkpointed groups of `group` masks (recomputed in backward), so activation memory is bounded by the
         group and does not grow with the number of instances. Run forward and backward inside
         `torch.nn.utils.parametrize.cached()` so the recomputation sees the same spectral-norm weights.
+        img (B, 3, H, W): the image the masks belong to, needed (only) when inst_img is on.
         """
-        sel, owner, weight = _gather_instances(masks, valid)
+        sel, owner, weight = self._instances(masks, valid, img)
         if group <= 0 or len(sel) <= group or not torch.is_grad_enabled():
             return _set_sum(self.feat_mask(sel), owner, weight, masks.shape[0])
         if not parametrize._cache_enabled:
@@ -269,10 +364,12 @@ class SetDiscriminator(nn.Module):
         return out
 
     def classify(self, img: Tensor, feat_set: Tensor) -> Tensor:
-        return self.classifier(torch.cat([self.feat_img(img), feat_set], 1))
+        feat = self.feat_img(img)
+        joint = self.classifier(torch.cat([feat, feat_set], 1))
+        return joint if self.img_head is None else torch.cat([joint, self.img_head(feat)], 1)
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
-        return self.classify(img, self.set_feature(masks, valid, group))
+        return self.classify(img, self.set_feature(masks, valid, group, img))
 
 
 class ImageGenerator(nn.Module):
@@ -285,12 +382,13 @@ class ImageGenerator(nn.Module):
     `mask_mode` tells callers which ("none" or "union"; SetGenerator's is "instances").
     """
 
-    def __init__(self, ngf: int = 64, n_blocks: int = 9, seg: bool = False, img_channels: int = 3):
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, seg: bool = False, img_channels: int = 3,
+                 upsample: str = "deconv"):
         super().__init__()
         self.seg, self.img_channels = seg, img_channels
         self.mask_mode = "union" if seg else "none"
         self.enc = _encoder(img_channels + seg, ngf, n_blocks)
-        self.dec = _decoder(4 * ngf, img_channels + seg)
+        self.dec = _decoder(4 * ngf, img_channels + seg, upsample)
         _init_weights(self)
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -308,28 +406,49 @@ class ImageDiscriminator(SetDiscriminator):
     (masks are never looked at; the set feature is the zero-weight empty mask), so it judges the image alone
     with the same capacity as InstaGAN's D."""
 
-    def set_feature(self, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
-        return super().set_feature(masks, torch.zeros_like(valid), 0)
+    def set_feature(self, masks: Tensor, valid: Tensor, group: int = 0, img: Tensor | None = None) -> Tensor:
+        return super().set_feature(masks, torch.zeros_like(valid), 0, img)
+
+
+class Segmenter(nn.Module):
+    """Foreground logits of an image: (B, 3, H, W) in [-1, 1] -> (B, 1, H, W), > 0 where some instance of either
+    domain is. The generators' encoder and decoder layers (ngf wide, one residual block) without the final tanh.
+
+    Trained on real images against the union of their masks, it tells the generator step whether the translated
+    image shows objects where the translated masks are (`loss.lambda_seg`; a semantic-consistency loss as in
+    CyCADA, Hoffman et al. 2018, here at pixel level): supervised, it learns in tens of steps what a
+    discriminator's image features took thousands to (README "Quality")."""
+
+    def __init__(self, ngf: int = 16, img_channels: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(_encoder(img_channels, ngf, 1), *_decoder(4 * ngf, 1)[:-1])
+        _init_weights(self)
+
+    def forward(self, img: Tensor) -> Tensor:
+        return self.net(img)
 
 
 ARCHS = ("instagan", "cyclegan", "cyclegan_seg")  # ModelConfig.arch
 
 
-def build_generator(arch: str, ngf: int, n_blocks: int) -> nn.Module:
-    """G of an architecture: InstaGAN's SetGenerator or an ablation baseline's ImageGenerator."""
-    if arch == "instagan":
-        return SetGenerator(ngf, n_blocks)
-    if arch in ("cyclegan", "cyclegan_seg"):
-        return ImageGenerator(ngf, n_blocks, seg=arch == "cyclegan_seg")
-    raise ValueError(f"unknown model.arch {arch!r}, expected one of {ARCHS}")
+def build_generator(model) -> nn.Module:
+    """G of a `ModelConfig`: InstaGAN's SetGenerator or an ablation baseline's ImageGenerator."""
+    if model.arch == "instagan":
+        return SetGenerator(model.ngf, model.n_blocks, composite=model.composite, mask_cond=model.mask_cond,
+                            upsample=model.upsample, paint=model.paint)
+    if model.arch in ("cyclegan", "cyclegan_seg"):
+        return ImageGenerator(model.ngf, model.n_blocks, seg=model.arch == "cyclegan_seg", upsample=model.upsample)
+    raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")
 
 
-def build_discriminator(arch: str, ndf: int) -> nn.Module:
-    """D of an architecture: the baselines' D sees the image (cyclegan) or the image and the union mask as a
+def build_discriminator(model) -> nn.Module:
+    """D of a `ModelConfig`: the baselines' D sees the image (cyclegan) or the image and the union mask as a
     one-instance set (cyclegan_seg)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch {arch!r}, expected one of {ARCHS}")
-    return ImageDiscriminator(ndf) if arch == "cyclegan" else SetDiscriminator(ndf)
+    if model.arch not in ARCHS:
+        raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")
+    if model.arch == "cyclegan":
+        return ImageDiscriminator(model.ndf)
+    return SetDiscriminator(model.ndf, inst_img=model.d_inst_img, img_head=model.d_img_head)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -31,11 +31,12 @@ from torch.nn.utils import parametrize
 from instagan import losses as L
 from instagan import masks as M
 from instagan.config import Config
-from instagan.memory import release_free_heap
-from instagan.networks import build_discriminator, build_generator, lean_saved_tensors
+from instagan.memory import release_free_heap, use_lean
+from instagan.networks import Segmenter, build_discriminator, build_generator, lean_saved_tensors
 from instagan.pool import HistoryPool
 
 NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
+# and "S", the segmenter, when loss.lambda_seg > 0
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -47,8 +48,11 @@ def build_networks(cfg: Config) -> dict[str, nn.Module]:
     """The four networks, seeded by cfg.train.seed so every rank starts from the same weights."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    return {"G_ab": build_generator(m.arch, m.ngf, m.n_blocks), "G_ba": build_generator(m.arch, m.ngf, m.n_blocks),
-            "D_a": build_discriminator(m.arch, m.ndf), "D_b": build_discriminator(m.arch, m.ndf)}
+    nets = {"G_ab": build_generator(m), "G_ba": build_generator(m), "D_a": build_discriminator(m),
+            "D_b": build_discriminator(m)}
+    if cfg.loss.lambda_seg > 0:
+        nets["S"] = Segmenter(m.ngf)
+    return nets
 
 
 def lr_factor(cfg: Config):
@@ -72,6 +76,7 @@ class TrainState:
     sched_g: torch.optim.lr_scheduler.LRScheduler
     sched_d: torch.optim.lr_scheduler.LRScheduler
     pools: dict[str, HistoryPool]
+    opt_s: torch.optim.Optimizer | None = None  # the segmenter's (loss.lambda_seg > 0)
     step: int = 0
     epoch: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -92,7 +97,9 @@ class TrainState:
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor(cfg))
         # Pools hold fakes of a domain: pool "a" feeds D_a with G_ba's outputs. Seeds differ per rank.
         pools = {d: HistoryPool(t.pool_size, seed=t.seed * 1000 + 2 * rank + i) for i, d in enumerate("ab")}
-        return cls(cfg, nets, opt_g, opt_d, sched_g, sched_d, pools, device=device)
+        opt_s = (torch.optim.Adam(nets["S"].parameters(), lr=t.lr_s, betas=(t.beta1, t.beta2), fused=True)
+                 if "S" in nets else None)
+        return cls(cfg, nets, opt_g, opt_d, sched_g, sched_d, pools, opt_s, device=device)
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -109,11 +116,14 @@ class TrainState:
             "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
             "pool_a": self.pools["a"].state_dict(), "pool_b": self.pools["b"].state_dict(),
             "step": self.step, "epoch": self.epoch,
+            **({"opt_s": self.opt_s.state_dict()} if self.opt_s else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for k in NETS:
+        for k in self.nets:
             unwrap(self.nets[k]).load_state_dict(state[k])
+        if self.opt_s:
+            self.opt_s.load_state_dict(state["opt_s"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.sched_g.load_state_dict(state["sched_g"])
@@ -156,26 +166,54 @@ def _identity_loss(F: nn.Module, d: Direction, masks: Tensor, valid: Tensor, act
     return L.weighted_mean(L.masked_l1(idt_img, idt_masks, valid, d.x, masks), active)
 
 
+def seg_consistency(S: nn.Module, img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor) -> Tensor:
+    """Does the segmenter S find the translated masks in the translated image? Binary cross-entropy between
+    S(img) and the union of the translated masks (a fixed target: the image must follow the masks, not the
+    masks the image), averaged over the pixels the chunk may change (the union of its input and translated
+    masks, where the generator paints). (B, 3, H, W), (B, N, H, W), (B, N), (B, N, H, W) -> (B,)."""
+    target = M.union(out_masks.detach().float(), valid)
+    where = M.union(torch.cat([masks, out_masks.detach()], 1).float(), torch.cat([valid, valid], 1))
+    bce = nn.functional.binary_cross_entropy_with_logits(S(img).float(), target, reduction="none")
+    return (bce * where).flatten(1).sum(1) / where.flatten(1).sum(1).clamp(min=1)
+
+
+def _segmenter_step(state: "TrainState", a: dict[str, Tensor], b: dict[str, Tensor], autocast) -> Tensor:
+    """One step of the segmenter on the real images of both domains against the union of their masks."""
+    S = state.nets["S"]
+    img = torch.cat([a["img"], b["img"]])
+    target = torch.cat([M.union(a["masks"].float(), a["valid"]), M.union(b["masks"].float(), b["valid"])])
+    with autocast:
+        loss = nn.functional.binary_cross_entropy_with_logits(S(img).float(), target)
+    loss.backward()
+    state.opt_s.step()
+    state.opt_s.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, masks: Tensor, valid: Tensor,
-                        active: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
-    """GAN, cycle and context losses of direction x -> y for one chunk: G translates, F translates back, D (the
-    underlying module; no gradient reaches its parameters) judges y' with every mask translated so far.
+                        active: Tensor, S: nn.Module | None = None) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """GAN, cycle and context losses of direction x -> y for one chunk (and with S the segmentation consistency):
+    G translates, F translates back, D and S (underlying modules; no gradient reaches their parameters) judge y'
+    (D with every mask translated so far).
 
     Returns (weighted-mean terms, (y', b'_m))."""
     fake_img, fake_masks = G(d.x, masks, valid)
     rec_img, rec_masks = F(fake_img, fake_masks, valid)
+    inst_img = getattr(D, "inst_img", False)  # D's instance branch sees the image: y' needs their gradient
     if d.fake_masks:
-        with torch.no_grad():  # earlier chunks' masks are detached: their D features need no graph
-            feat_prev = D.set_feature(torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1))
+        with torch.set_grad_enabled(inst_img):  # earlier chunks' masks are detached: no graph for masks alone
+            feat_prev = D.set_feature(torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), img=fake_img)
     else:
         feat_prev = 0
-    score = D.classify(fake_img, feat_prev + D.set_feature(fake_masks, valid))
+    score = D.classify(fake_img, feat_prev + D.set_feature(fake_masks, valid, img=fake_img))
     weight = M.context_weight(masks, valid, fake_masks, valid)
     per = {
         "gan": L.lsgan(score, 1.0),
         "cyc": L.masked_l1(rec_img, rec_masks, valid, d.x, masks),
         "ctx": L.context(d.x, fake_img, weight),
     }
+    if S is not None:
+        per["seg"] = seg_consistency(S, fake_img, masks, valid, fake_masks)
     return {k: L.weighted_mean(v, active) for k, v in per.items()}, (fake_img, fake_masks)
 
 
@@ -220,11 +258,17 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     dirs = {"ab": Direction(a, a["img"]), "ba": Direction(b, b["img"])}
     g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
     D_a, D_b = unwrap(nets["D_a"]), unwrap(nets["D_b"])
-    # No autocast weight cache: it would keep a low-precision copy of every weight until the pass ends, while
-    # lean_saved_tensors lets each copy go as soon as its conv has run (a re-cast costs far less than a conv).
-    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
+    # Lean (instagan.memory.use_lean): no autocast weight cache, which would keep a low-precision copy of every
+    # weight until the pass ends, while lean_saved_tensors lets each copy go as soon as its conv has run.
+    lean = use_lean(cfg)
+    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not lean)
+    saved = lean_saved_tensors if lean else contextlib.nullcontext
     sums: dict[str, Tensor] = {}
-    trim = t.trim_heap and dev.type == "cpu"  # instagan.memory: before the last G pass and before the D step
+    trim = lean and dev.type == "cpu"  # instagan.memory: before the last G pass and before the D step
+
+    S = unwrap(nets["S"]) if "S" in nets else None
+    if S is not None:  # the segmenter learns from the real images first, then judges this step's translations
+        sums["loss/S"] = _segmenter_step(state, a, b, autocast)
 
     for m in range(n_chunks):
         ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, ins_per) for k, d in dirs.items()}
@@ -244,16 +288,20 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
                 sync.close()
                 if trim:  # the step's peak: a full pass with both generators' gradients allocated
                     release_free_heap()
-            with autocast, lean_saved_tensors():
+            with autocast, saved():
                 if kind == "idt":
                     idt = _identity_loss(F, dirs[k], *ch[k], active[k])
                     loss = lam.lambda_idt * idt
                     terms = {f"loss/idt_{k[::-1]}": idt}
                 else:
-                    t_terms, outs[k] = _translation_losses(G, F, D, dirs[k], *ch[k], active[k])
-                    loss = t_terms["gan"] + lam.lambda_cyc * t_terms["cyc"] + lam.lambda_ctx * t_terms["ctx"]
+                    t_terms, outs[k] = _translation_losses(G, F, D, dirs[k], *ch[k], active[k], S)
+                    loss = (lam.lambda_gan * t_terms["gan"] + lam.lambda_cyc * t_terms["cyc"]
+                            + lam.lambda_ctx * t_terms["ctx"])
                     terms = {f"loss/G_gan_{k}": t_terms["gan"], f"loss/cyc_{k[0]}": t_terms["cyc"],
                              f"loss/ctx_{k}": t_terms["ctx"]}
+                    if S is not None:
+                        loss = loss + lam.lambda_seg * t_terms["seg"]
+                        terms[f"loss/seg_{k}"] = t_terms["seg"]
             # Keep only detached values: a live graph output would hold the branch that backward(inputs=...)
             # skips (D's spectral-norm weights) in memory for the rest of the step.
             metrics.update({key: v.detach() for key, v in terms.items()})
@@ -277,8 +325,9 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
             d = dirs[k]
             fake = state.pools[name[-1]].query(d.x, torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), active[k])
             with parametrize.cached():
-                with autocast, lean_saved_tensors():
-                    loss_d = _discriminator_loss(nets[name], real, fake, active[k], group=len(d.x) * ins_per)
+                with autocast, saved():
+                    loss_d = _discriminator_loss(nets[name], real, fake, active[k],
+                                                 group=len(d.x) * ins_per if lean else 0)
                 loss_d.backward()
             metrics[f"loss/{name}"] = loss_d.detach()
         state.opt_d.step()
@@ -288,6 +337,8 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
             sums[key] = sums.get(key, 0) + v.float()
 
     state.step += 1
+    if S is not None:
+        sums["loss/S"] = sums["loss/S"] * n_chunks  # once per step, not per chunk
     keys = sorted(sums)
     values = torch.stack([sums[k] for k in keys]).div(n_chunks).tolist()  # one host sync per step
     return {**dict(zip(keys, values)), "chunks": float(n_chunks)}

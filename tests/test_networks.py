@@ -7,10 +7,18 @@ from instagan.networks import SetDiscriminator, SetGenerator, count_parameters
 from instagan.synthetic import make_batch
 
 
-@pytest.fixture(scope="module")
-def nets():
+LEVERS = {"composite": True, "mask_cond": True, "upsample": "resize", "paint": "residual"}  # every generator option beyond the paper
+
+
+@pytest.fixture(scope="module", params=["paper", "levers"])
+def nets(request):
+    """The paper's networks, and the same with every option of the quality recipe on: the symmetry and
+    independence properties must hold for both."""
     torch.manual_seed(0)
-    return SetGenerator(ngf=8, n_blocks=2).eval(), SetDiscriminator(ndf=8).eval()
+    if request.param == "paper":
+        return SetGenerator(ngf=8, n_blocks=2).eval(), SetDiscriminator(ndf=8).eval()
+    return (SetGenerator(ngf=8, n_blocks=2, **LEVERS).eval(),
+            SetDiscriminator(ndf=8, inst_img=True, img_head=True).eval())
 
 
 def test_parameter_counts_match_the_authors():
@@ -54,7 +62,7 @@ def test_discriminator_invariant_to_instance_order(nets):
     with torch.no_grad():
         s = D(batch["img"], batch["masks"], batch["valid"])
         s_p = D(batch["img"], batch["masks"][:, perm], batch["valid"][:, perm])
-    assert s.shape == (2, 1, 2, 2)
+    assert s.shape == (2, 1 if D.img_head is None else 2, 2, 2)
     torch.testing.assert_close(s_p, s, rtol=1e-4, atol=1e-5)
 
 
@@ -103,10 +111,12 @@ def test_padding_slots_change_nothing_and_come_out_empty(nets):
     torch.testing.assert_close(s_p, s, rtol=1e-4, atol=1e-5)
 
 
-def test_every_parameter_gets_a_gradient_even_without_instances():
+@pytest.mark.parametrize("levers", [False, True])
+def test_every_parameter_gets_a_gradient_even_without_instances(levers):
     """DDP without find_unused_parameters needs every parameter in every backward, also on a rank whose images
     have no instance left in a chunk."""
-    G, D = SetGenerator(ngf=4, n_blocks=1), SetDiscriminator(ndf=4)
+    G = SetGenerator(ngf=4, n_blocks=1, **(LEVERS if levers else {}))
+    D = SetDiscriminator(ndf=4, inst_img=levers, img_head=levers)
     img = torch.rand(2, 3, 32, 32) * 2 - 1
     masks, valid = torch.full((2, 2, 32, 32), -1.0), torch.zeros(2, 2, dtype=torch.bool)
     y, b = G(img, masks, valid)
@@ -146,17 +156,18 @@ def test_grouped_discriminator_features_give_the_same_result_and_gradients():
 
 
 def test_baseline_generators_and_the_image_only_discriminator():
+    from instagan.config import ModelConfig
     from instagan.networks import ImageDiscriminator, build_generator
 
     torch.manual_seed(0)
     img = torch.rand(2, 3, 32, 32) * 2 - 1
     masks = (torch.rand(2, 3, 32, 32) > 0.5).float() * 2 - 1
     valid = torch.tensor([[True, True, False], [True, False, False]])
-    G = build_generator("cyclegan", 8, 1)
+    G = build_generator(ModelConfig(arch="cyclegan", ngf=8, n_blocks=1))
     y, m = G(img, masks, valid)
     assert m is masks and torch.equal(G(img, -masks, valid)[0], y)  # masks are not looked at
-    assert count_parameters(build_generator("cyclegan", 64, 9)) == 11_378_179  # CycleGAN's ResNet-9 generator
-    Gs = build_generator("cyclegan_seg", 8, 1)
+    assert count_parameters(build_generator(ModelConfig(arch="cyclegan"))) == 11_378_179  # CycleGAN's ResNet-9 generator
+    Gs = build_generator(ModelConfig(arch="cyclegan_seg", ngf=8, n_blocks=1))
     union = masks[:, :1]
     ys, ms = Gs(img, union, valid[:, :1])
     assert ms.shape == (2, 1, 32, 32) and not torch.equal(Gs(img, -union, valid[:, :1])[0], ys)
@@ -251,3 +262,102 @@ def test_lean_saved_tensors_refuse_a_source_changed_in_place():
         y.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         out.backward()
+
+
+# ---- options beyond the paper (the quality recipe) --------------------------------------------------------------
+
+def test_composite_keeps_every_pixel_outside_the_masks_and_paints_only_inside():
+    """y = x (1 - u) + g u: where the input and the translated masks are all background, the output IS the input
+    (bit for bit), and no loss sends a gradient to the painted image g there; inside, g is used and trained."""
+    torch.manual_seed(0)
+    G = SetGenerator(ngf=8, n_blocks=1, composite=True)
+    batch = make_batch("a", 2, 32, ins=(1, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    painted = {}
+
+    def keep(module, inputs, out):
+        if out.requires_grad:
+            out.retain_grad()
+            painted["g"] = out
+
+    G.dec_img.register_forward_hook(keep)
+    y, b = G(img, masks, valid)
+    outside = ((masks > 0) & valid[:, :, None, None]).any(1) | ((b > 0) & valid[:, :, None, None]).any(1)
+    outside = ~outside[:, None].expand_as(img)
+    assert outside.any() and (~outside).any()
+    assert torch.equal(y[outside], img[outside])
+    (y.square().sum() + b.sum()).backward()  # any loss of the output
+    g_grad = painted["g"].grad
+    assert torch.equal(g_grad[outside], torch.zeros_like(g_grad[outside]))
+    inside = ((masks > 0) & valid[:, :, None, None]).any(1)[:, None].expand_as(img)  # input instances: u = 1
+    assert g_grad[inside].abs().sum() > 0
+    torch.testing.assert_close(y[inside], painted["g"][inside].detach(), rtol=0, atol=0)
+    # Without the composite the same weights give a different background: the option is what keeps it.
+    G.composite = False
+    with torch.no_grad():
+        y_plain, _ = G(img, masks, valid)
+    assert not torch.equal(y_plain[outside], img[outside])
+
+
+def test_mask_conditioned_image_decoder_follows_the_translated_masks():
+    """With mask_cond the image depends on the translated masks (through the decoder's inputs), not only on the
+    input masks: changing the mask decoder's output alone changes the image."""
+    torch.manual_seed(0)
+    G = SetGenerator(ngf=8, n_blocks=1, mask_cond=True).eval()
+    batch = make_batch("a", 1, 32, ins=(2, 2))
+    with torch.no_grad():
+        y, _ = G(batch["img"], batch["masks"], batch["valid"])
+        G.dec_mask[-2].bias += 3.0  # translated masks grow everywhere; the image path's weights are untouched
+        y2, _ = G(batch["img"], batch["masks"], batch["valid"])
+    assert (y2 - y).abs().max() > 1e-3
+
+
+def test_discriminator_with_inst_img_looks_at_the_pixels_inside_each_mask():
+    torch.manual_seed(0)
+    D = SetDiscriminator(ndf=8, inst_img=True).eval()
+    plain = SetDiscriminator(ndf=8).eval()
+    batch = make_batch("b", 2, 32, ins=(2, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    with torch.no_grad():
+        f = D.set_feature(masks, valid, img=img)
+        f_other = D.set_feature(masks, valid, img=-img)  # same masks, other pixels inside them
+        p, p_other = plain.set_feature(masks, valid), plain.set_feature(masks, valid)
+    assert not torch.allclose(f, f_other, atol=1e-4)
+    torch.testing.assert_close(p, p_other)
+    with pytest.raises(ValueError, match="pass img"):
+        D.set_feature(masks, valid)
+
+
+def test_gated_painting_copies_the_input_where_the_gate_is_open():
+    """g = a * x + (1 - a) * c: with the gate fully open the generator is exactly the identity on the image, with
+    it shut it is the painted colour alone; the same weights otherwise."""
+    torch.manual_seed(0)
+    G = SetGenerator(ngf=8, n_blocks=1, paint="gated").eval()
+    batch = make_batch("a", 2, 32, ins=(1, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    final = G.dec_img[-2]  # the last conv: 3 colour channels and the gate
+    assert final.out_channels == 4
+    with torch.no_grad():
+        final.bias[3] = 50.0
+        y_open, _ = G(img, masks, valid)
+        final.bias[3] = -50.0
+        y_shut, _ = G(img, masks, valid)
+    torch.testing.assert_close(y_open, img, rtol=0, atol=1e-6)
+    assert (y_shut - img).abs().mean() > 0.1 and y_shut.abs().max() <= 1
+
+
+def test_residual_painting_changes_the_input_by_the_decoder_output():
+    """g = x + 2 d: a decoder output of 0 is exactly the identity, and the output moves with d."""
+    torch.manual_seed(0)
+    G = SetGenerator(ngf=8, n_blocks=1, paint="residual").eval()
+    batch = make_batch("a", 2, 32, ins=(1, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    final = G.dec_img[-2]
+    with torch.no_grad():
+        y, _ = G(img, masks, valid)
+        assert (y - img).abs().max() > 1e-3
+        final.weight.zero_()
+        final.bias.fill_(0.25)  # d = tanh(0.25) everywhere
+        y_shift, _ = G(img, masks, valid)
+    torch.testing.assert_close(y_shift, (img + 2 * torch.tanh(torch.tensor(0.25))).clamp(-1, 1), rtol=0, atol=1e-6)
+    assert y_shift.max() == 1 and y_shift.min() >= -1
