@@ -8,11 +8,14 @@ The run folder gets config.json, checkpoint_stepXXXXXXXX/ (instagan.checkpoint: 
 Translator.from_checkpoint and jobs/evaluate.py) every `run.checkpoint_every` steps and at the end,
 metrics.jsonl (one line per `run.log_every` steps, with process CPU seconds so runs can be compared on a busy
 machine) and samples/step_XXXXXX.png every `run.image_every` steps. One process: no DDP, no resume (use the Ray job
-for long runs); `torch.set_num_threads` decides the cores it uses.
+for long runs); `torch.set_num_threads` decides the cores it uses. `budget_cpu_s` trains for a fixed CPU budget
+instead of a step count (the quality harness, instagan.ablate, compares models at equal CPU seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,41 +28,102 @@ from instagan.train import TrainState, train_step
 VIS_ROWS = 4
 
 
-def train_local(cfg: Config, folder: str | Path, device: str = "cpu") -> Path:
-    """Train `cfg` in this process until run.max_steps (or all epochs); returns the last checkpoint folder."""
+def train_local(cfg: Config, folder: str | Path, device: str = "cpu", budget_cpu_s: float | None = None,
+                checkpoints: int = 0) -> Path:
+    """Train `cfg` in this process until run.max_steps (or all epochs); returns the last checkpoint folder.
+
+    budget_cpu_s: train for this many process CPU-seconds instead (steps and epochs are then unbounded), with the
+    config's lr shape stretched over the budget: constant for the first epochs / (epochs + epochs_decay) of it,
+    then linear decay to 0. checkpoints > 0 (budget mode): also save one each time another 1/checkpoints of the
+    budget is spent, so quality can be followed against CPU time. Each checkpoint folder gets progress.json
+    ({"step", "epoch", "cpu_s", "wall_s"}).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(cfg.to_json() + "\n")
     state = TrainState.create(cfg, device)
     t, d, r = cfg.train, cfg.data, cfg.run
-    total = r.max_steps or None
+    total = None if budget_cpu_s else r.max_steps or None
+    epochs = itertools.count() if budget_cpu_s else range(t.epochs + t.epochs_decay)
+    marks = [budget_cpu_s * (i + 1) / checkpoints for i in range(checkpoints)] if budget_cpu_s else []
     last: Path | None = None
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    clock = _Clock()
     vis: dict[str, dict] = {}
+    done = False
+
+    def save() -> Path:
+        out = checkpoint.save(state, folder / f"checkpoint_step{state.step:08d}")
+        (out / "progress.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch, **clock.read()}))
+        return out
+
     with open(folder / "metrics.jsonl", "a") as log:
-        for epoch in range(t.epochs + t.epochs_decay):
+        for epoch in epochs:
             for batch_a, batch_b in local_batches(d.root, d.split, t.batch_size, d.size, d.load_size, d.flip,
                                                   t.seed, epoch, ins_cap=t.ins_max):
                 vis = vis or {"a": _head(batch_a), "b": _head(batch_b)}
+                if budget_cpu_s:
+                    _set_lr(state, _budget_factor(cfg, clock.cpu() / budget_cpu_s))
                 metrics = train_step(state, batch_a, batch_b)
                 if state.step % r.log_every == 0:
                     log.write(json.dumps({"step": state.step, "epoch": epoch, **state.lr(), **metrics,
-                                          "time/cpu_s": time.process_time() - cpu0,
-                                          "time/wall_s": time.perf_counter() - wall0}) + "\n")
+                                          **{f"time/{k}": v for k, v in clock.read().items()}}) + "\n")
                     log.flush()
-                if r.image_every and state.step % r.image_every == 0:
-                    _grid(state, vis, folder)
-                if r.checkpoint_every and state.step % r.checkpoint_every == 0:
-                    last = checkpoint.save(state, folder / f"checkpoint_step{state.step:08d}")
-                if total and state.step >= total:
+                with clock.paused():  # grids and checkpoints are not training
+                    if r.image_every and state.step % r.image_every == 0:
+                        _grid(state, vis, folder)
+                    if r.checkpoint_every and state.step % r.checkpoint_every == 0 and not budget_cpu_s:
+                        last = save()
+                    while marks and clock.cpu() >= marks[0]:
+                        marks.pop(0)
+                        last = save()
+                done = bool(total and state.step >= total) or bool(budget_cpu_s and clock.cpu() >= budget_cpu_s)
+                if done:
                     break
-            if total and state.step >= total:
+            if done:
                 break
-            state.end_epoch()
+            if budget_cpu_s:
+                state.epoch += 1  # the lr follows the budget, not the epoch
+            else:
+                state.end_epoch()
     if last is None or last.name != f"checkpoint_step{state.step:08d}":
-        last = checkpoint.save(state, folder / f"checkpoint_step{state.step:08d}")
+        last = save()
     _grid(state, vis, folder)
     return last
+
+
+class _Clock:
+    """Process CPU seconds and wall seconds since creation, minus the time spent inside `paused()`."""
+
+    def __init__(self):
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu0
+
+    def read(self) -> dict[str, float]:
+        return {"cpu_s": self.cpu(), "wall_s": time.perf_counter() - self.wall0}
+
+    @contextlib.contextmanager
+    def paused(self):
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.cpu0 += time.process_time() - cpu
+            self.wall0 += time.perf_counter() - wall
+
+
+def _budget_factor(cfg: Config, frac: float) -> float:
+    """lr factor at `frac` of a CPU budget: the config's constant-then-linear-decay shape over the budget."""
+    t = cfg.train
+    const = t.epochs / max(1, t.epochs + t.epochs_decay)
+    return 1.0 if frac <= const else max(0.0, (1.0 - frac) / (1.0 - const))
+
+
+def _set_lr(state: TrainState, factor: float) -> None:
+    for opt, sched in ((state.opt_g, state.sched_g), (state.opt_d, state.sched_d)):
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * factor
 
 
 def _head(batch: dict) -> dict:

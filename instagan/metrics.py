@@ -24,6 +24,7 @@ with augmentation; always report the identity and the untrained-generator floors
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -78,6 +79,14 @@ def instance_preservation(masks: Tensor, valid: Tensor, out_masks: Tensor, out_v
     scored = valid.bool() & out_valid.bool() & (area_a > 0)
     nan = torch.full_like(r, float("nan"))
     return torch.where(scored, kept.float(), nan), torch.where(scored, inter / union.clamp(min=1), nan)
+
+
+def area_ratio(masks: Tensor, valid: Tensor, out_masks: Tensor, out_valid: Tensor) -> Tensor:
+    """Translated mask area / input mask area per instance (slot n of out translates slot n). (B, N, H, W),
+    (B, N), (B, N, H, W), (B, N) -> (B, N), NaN where the slot is padding, untranslated or empty in the input."""
+    a, b = foreground(masks, valid).sum((2, 3)).float(), foreground(out_masks, out_valid).sum((2, 3)).float()
+    scored = valid.bool() & out_valid.bool() & (a > 0)
+    return torch.where(scored, b / a.clamp(min=1), torch.full_like(a, float("nan")))
 
 
 def rectangularity(masks: Tensor, valid: Tensor) -> Tensor:
@@ -254,18 +263,18 @@ def translate(G: nn.Module, batch: dict[str, Tensor], ins_max: int, ins_per: int
 
 
 def measure(batch: dict[str, Tensor], out, mask_mode: str, direction: str, classifier: nn.Module | None = None,
-            shapes: bool = False) -> dict[str, Tensor]:
+            shapes: bool = False, target: str | None = None) -> dict[str, Tensor]:
     """Per-item values of one translated batch: name -> 1-D tensor (per image or per instance, NaN-free), to be
     concatenated over batches and averaged (`summarise`). mask-based instance values only for mask_mode
     "instances"; "union" counts as a one-instance set for the background and masked classification, "none" uses
-    the input masks there."""
+    the input masks there. target: the domain whose shape counts (default: the direction's target)."""
     x, masks, valid = batch["img"].float(), batch["masks"].float(), batch["valid"].bool()
-    target = TARGET[direction]
+    target = target or TARGET[direction]
     tm, tv = (masks, valid) if mask_mode == "none" else (out.masks.float(), out.valid.bool())
     vals = {"bg_err": background_error(x, out.img, masks, valid, tm, tv)}
     if mask_mode == "instances":
         kept, iou = instance_preservation(masks, valid, tm, tv)
-        vals.update(inst=kept, iou=iou)
+        vals.update(inst=kept, iou=iou, area_ratio=area_ratio(masks, valid, tm, tv))
         if shapes:
             vals["mask_shape"] = torch.where(kept.isnan(), kept, kept * target_shape(rectangularity(tm, tv), target)
                                              .nan_to_num(0.0))
@@ -342,7 +351,7 @@ def _row(G: nn.Module | None, batches: list[dict[str, Tensor]], direction: str, 
         parts.append(measure(batch, out, mask_mode, direction, classifier, shapes=True))
         outs.append(out)
     vals = summarise(parts)
-    for key in ("inst", "iou", "mask_shape"):
+    for key in ("inst", "iou", "area_ratio", "mask_shape"):
         vals.setdefault(key, None)  # null for generators without per-instance masks (see "notes")
     vals["images"] = sum(int(b["img"].shape[0]) for b in batches)
     vals["instances"] = sum(int(b["valid"].sum()) for b in batches)
@@ -352,11 +361,13 @@ def _row(G: nn.Module | None, batches: list[dict[str, Tensor]], direction: str, 
 def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "test",
              classifier: str | Path | nn.Module | None = None, ins_max: int = 20, ins_per: int = 2,
              limit: int | None = None, batch_size: int = 8, grid_rows: int = 4,
-             device: str = "cpu") -> tuple[dict, Tensor]:
+             device: str = "cpu", floors: bool = True) -> tuple[dict, Tensor]:
     """Translate a split a->b and b->a with a checkpoint's generators and with two floors (identity translation;
     untrained generators of the same config, seeded by its train.seed), and score them; the classifier's accuracy
-    on the real images is the "real" row. -> (report dict, grid (3, H', W') in [0, 1]: per direction, real | real
-    + masks | translated | translated + masks for the first `grid_rows` images, a2b above b2a)."""
+    on the real images is the "real" row. -> (report dict, grid (3, H', W') in [0, 1]: per direction, input |
+    input + masks | translated | translated + masks for the first `grid_rows` images, a2b above b2a, labelled and
+    shown at 128 px or more). floors=False:
+    the model row only (the floors do not change along a run)."""
     from instagan import checkpoint, visual
     from instagan.train import build_networks
 
@@ -375,18 +386,30 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
         skipped += bad
         if not data[d]:
             raise ValueError(f"no usable image in {data_root}/{split}/{d} (skipped: {bad[:3]})")
-    rows: dict[str, dict] = {"model": {}, "identity": {}, "untrained": {}}
+    rows: dict[str, dict] = {"model": {}, "identity": {}, "untrained": {}} if floors else {"model": {}}
     grids, notes, mask_mode = [], [], "instances"
     for direction, d, g in (("a2b", "a", "G_ab"), ("b2a", "b", "G_ba")):
         for row, G in (("model", trained[g].to(device)), ("identity", None), ("untrained", untrained[g].to(device))):
+            if row not in rows:
+                continue
             vals, mode, outs = _row(G, data[d], direction, classifier, ins_max, ins_per)
             rows[row][direction] = vals
             if row == "model":
                 mask_mode = mode
                 first, fake = data[d][0], outs[0]
-                k = min(grid_rows, first["img"].shape[0])
-                grids.append(visual.rows_grid([(first["img"][:k], first["masks"][:k], first["valid"][:k]),
-                                               (fake.img[:k], fake.masks[:k], fake.valid[:k])]))
+                for i in range(min(grid_rows, first["img"].shape[0])):
+                    grids.append(([visual.to_unit(first["img"][i]),
+                                   visual.overlay(first["img"][i], first["masks"][i], first["valid"][i]),
+                                   visual.to_unit(fake.img[i]), visual.overlay(fake.img[i], fake.masks[i],
+                                                                                fake.valid[i])],
+                                  f"{direction} #{i}"))
+    if floors:  # the ceiling of the shape measures: real target-domain images, measured as they are
+        rows["real_target"] = {}
+        for direction, d in (("a2b", "b"), ("b2a", "a")):
+            parts = [measure(batch, Translation(batch["img"], batch["masks"], batch["valid"].bool()), "instances",
+                             direction, shapes=True, target=d) for batch in data[d]]
+            rows["real_target"][direction] = {k: v for k, v in summarise(parts).items()
+                                              if k in ("mask_shape", "img_shape", "img_survive", "img_rect")}
     if classifier is not None:
         rows["real"] = {}
         for d in ("a", "b"):
@@ -415,6 +438,7 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
             "bg_err": "mean |x - y'| in [-1, 1] units over pixels background in input and translated masks",
             "inst": f"share of input instances whose translated mask is non-empty with area ratio in {AREA_RATIO}",
             "iou": "mean IoU of input and translated masks",
+            "area_ratio": "mean translated / input mask area per instance",
             "mask_shape": "share of instances preserved whose translated mask has the target shape (rectangularity)",
             "img_survive": f"image-based: share of instances whose colour region keeps area ratio in {IMG_AREA_RATIO}",
             "img_iou": "image-based: IoU of the colour region and the input mask",
@@ -422,6 +446,42 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
             "img_rect_in": "the same for the input masks",
             "img_shape": "image-based: share of instances that survive with the target domain's shape",
             "real": "classifier accuracy on the real images (acc_masked: on image x union of real masks)",
+            "real_target": "the shape measures of REAL target-domain test images (a2b: real b, b2a: real a), the "
+                           "ceiling of a translator whose outputs look like the target domain: occluded instances "
+                           "do not read as their domain's shape",
         },
     }
-    return report, visual.stack_grids(grids)
+    grid = visual.labelled_grid([cells for cells, _ in grids], list(GRID_COLUMNS), [label for _, label in grids],
+                                scale=max(1, 128 // size))
+    return report, grid
+
+
+GRID_COLUMNS = ("input", "input + masks", "translated", "translated + masks")
+
+
+def summary_table(report: dict, keys: tuple[str, ...] = ("img_shape", "mask_shape", "bg_err", "inst", "img_survive"),
+                  ) -> str:
+    """The rows of an `evaluate` report (model and floors) as a Markdown table of `keys` per direction."""
+    cols = [(k, d) for k in keys for d in ("a2b", "b2a")]
+    lines = ["| row | " + " | ".join(f"{k} {d}" for k, d in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row, dirs in report["rows"].items():
+        if row == "real":
+            continue
+        vals = [dirs.get(d, {}).get(k) for k, d in cols]
+        lines.append(f"| {row} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_run_end(checkpoint_dir: str | Path, data_root: str | Path, out: str | Path, split: str = "test",
+                     limit: int | None = 60) -> tuple[dict, Path] | None:
+    """The end of a training run: evaluate its last checkpoint on `split` of its data (at most `limit` images per
+    domain) against the floors, write <out>/metrics.json and <out>/grid.png. None when the split is missing."""
+    from instagan import visual
+
+    if "://" in str(data_root) or not all(any((Path(data_root) / split / d).glob("part-*.parquet")) for d in "ab"):
+        return None
+    report, grid = evaluate(checkpoint_dir, data_root, split, limit=limit)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report, visual.save_png(grid, out / "grid.png")

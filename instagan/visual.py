@@ -87,6 +87,48 @@ def stack_grids(grids: list[Tensor], gap: int = 4) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
+def labelled_grid(cells: list[list[Tensor]], col_labels: list[str], row_labels: list[str], scale: int = 1,
+                  gap: int = 2) -> Tensor:
+    """Cells (3, H, W) in [0, 1], rows x columns, enlarged `scale` times (nearest), with a header strip naming
+    each column and a left strip naming each row, on white. -> (3, H', W') in [0, 1]."""
+    from PIL import ImageDraw, ImageFont
+
+    h, w = (d * scale for d in cells[0][0].shape[-2:])
+    font = ImageFont.load_default(size=12)
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max(draw_probe.textlength(t, font=font) for t in row_labels) + 8 if row_labels else 0
+    # Column labels wrap onto a second line when wider than a cell.
+    wrapped = [_wrap(t, w, font, draw_probe) for t in col_labels]
+    top = 16 * max(len(t) for t in wrapped) + 4
+    ncols = max(len(r) for r in cells)
+    canvas = Image.new("RGB", (int(left) + ncols * (w + gap), top + len(cells) * (h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            draw.text((int(left) + j * (w + gap) + 2, 2 + 16 * k), line, fill="black", font=font)
+    for i, row in enumerate(cells):
+        y = top + i * (h + gap)
+        if i < len(row_labels):
+            draw.text((4, y + h // 2 - 7), row_labels[i], fill="black", font=font)
+        for j, cell in enumerate(row):
+            arr = (cell.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            im = Image.fromarray(np.ascontiguousarray(arr)).resize((w, h), Image.NEAREST)
+            canvas.paste(im, (int(left) + j * (w + gap), y))
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def _wrap(text: str, width: int, font, draw) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        cand = f"{line} {word}".strip()
+        if line and draw.textlength(cand, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = cand
+    return lines + [line]
+
+
 def save_png(grid: Tensor, path: str | Path, scale: int = 1) -> Path:
     """Write a (3, H, W) image in [0, 1] as PNG, enlarged `scale` times without smoothing (small training images
     stay legible); parent folders are created. Returns the path."""

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # `python jobs/evaluate.py` puts jobs/, not the r
 from instagan import visual  # noqa: E402
 from instagan.metrics import evaluate  # noqa: E402
 
-SUMMARY_KEYS = ("cls", "cls_masked", "bg_err", "inst", "iou", "img_survive", "img_shape")
+SUMMARY_KEYS = ("cls", "cls_masked", "bg_err", "inst", "iou", "area_ratio", "mask_shape", "img_survive", "img_shape")
 
 
 def summary(report: dict) -> dict:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    visual.save_png(grid, out / "grid.png", scale=max(1, 128 // report["size"]))
+    visual.save_png(grid, out / "grid.png")
     brief = {"out": str(out), **summary(report)}
     print(json.dumps(brief))
     return brief

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -56,7 +57,10 @@ def test_evaluate_writes_json_and_grid(setup, capsys):
     assert printed == brief and brief["skipped"] == 1
     report = json.loads((tmp / "eval" / "metrics.json").read_text())
     rows = report["rows"]
-    assert set(rows) == {"model", "identity", "untrained", "real"}
+    assert set(rows) == {"model", "identity", "untrained", "real", "real_target"}
+    # The ceiling row measures real target images as they are: real b instances read as rectangles (those not
+    # occluded), real a instances as ellipses.
+    assert rows["real_target"]["a2b"]["mask_shape"] > 0.5 and rows["real_target"]["b2a"]["mask_shape"] > 0.5
     for row in ("model", "identity", "untrained"):
         for direction in ("a2b", "b2a"):
             vals = rows[row][direction]
@@ -73,8 +77,11 @@ def test_evaluate_writes_json_and_grid(setup, capsys):
     assert report["skipped"] == [{"domain": "a", "id": bad_id, "reason": report["skipped"][0]["reason"]}]
     assert "Error" in report["skipped"][0]["reason"]
     assert report["mask_mode"] == "instances" and report["classifier"]["arch"] == "resnet18"
-    with Image.open(tmp / "eval" / "grid.png") as im:  # 4 columns of 64 px, 2 + 3 rows and a gap, scale 2
-        assert im.size == (2 * 4 * 64, 2 * (5 * 64 + 4))
+    with Image.open(tmp / "eval" / "grid.png") as im:  # 4 columns, 2 + 3 rows of 64 px shown at 128 px
+        w, h = im.size
+        assert 4 * 128 < w < 4 * 128 + 120 and 5 * 128 < h < 5 * 128 + 60  # plus label strips and gaps
+        header = np.asarray(im.convert("L"))[:14, w - 4 * 130:]  # column labels drawn above the cells
+        assert (header > 200).mean() > 0.7 and (header < 80).any()
 
 
 def test_evaluate_rejects_a_missing_split(setup, capsys):

@@ -1,0 +1,216 @@
+"""Why a run translates the masks but not the image: what the discriminator looks at, and where the generator's
+gradients come from, measured at each checkpoint of a run.
+
+    python jobs/diagnose.py --run /tmp/ablate/runs/instagan_paper --data-root /tmp/ablate/data
+    stats = diagnose_checkpoint("run/checkpoint_step00000300", batch_a, batch_b)
+
+For each checkpoint, on held-out images (the first chunk of `ins_per` instances, as in training):
+- D on image-only and mask-only inputs. D_b judges (image, masks) pairs; "image only" gives it the image with an
+  empty instance set, "masks only" the masks over a flat grey image. For real b and for G_ab's fakes the mean
+  score of each view; the gap real - fake per view says which input D separates real from fake with. If the
+  fakes pass on masks only but not on the image, D's verdict (and G's GAN gradient) rests on the masks.
+- Gradient norms of each loss term (GAN, cycle, context, identity, segmentation consistency if on; with the
+  config's weights) at G_ab's image
+  decoder and mask decoder: which loss drives the image.
+- the run's metrics.jsonl, the per-term loss curves.
+Writes diagnose.json and diagnose.png into the run folder. No Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from instagan import checkpoint
+from instagan import losses as L
+from instagan import masks as M
+from instagan.train import build_networks, prepare_batch, seg_consistency
+
+LOSS_KEYS = ("loss/G_gan_ab", "loss/cyc_a", "loss/ctx_ab", "loss/idt_ab", "loss/D_b")
+
+
+def _views(D, img: Tensor, masks: Tensor, valid: Tensor) -> dict[str, float]:
+    none = torch.zeros_like(valid)
+    return {"full": float(D(img, masks, valid).mean()),
+            "image_only": float(D(img, masks, none).mean()),
+            "masks_only": float(D(torch.zeros_like(img), masks, valid).mean())}
+
+
+def _grad_norm(loss: Tensor, params: list[torch.nn.Parameter]) -> float:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+
+
+def diagnose_checkpoint(ckpt: str | Path, batch_a: dict, batch_b: dict) -> dict:
+    """D's views and per-term gradient norms for direction a -> b at one checkpoint (see the module docstring)."""
+    cfg, payload = checkpoint.load(ckpt)
+    nets = build_networks(cfg)
+    for k, net in nets.items():
+        net.load_state_dict(payload[k])
+        net.eval()  # spectral norm: no power iteration here
+    G, F, D = nets["G_ab"], nets["G_ba"], nets["D_b"]
+    t, lam = cfg.train, cfg.loss
+    union = cfg.model.arch != "instagan"
+    a, b = (prepare_batch(x, t.ins_max, torch.device("cpu"), union) for x in (batch_a, batch_b))
+    ins_per = 1 if union else t.ins_per
+    masks, valid = M.chunk(a["masks"], a["valid"], 0, ins_per)
+    b_masks, b_valid = M.chunk(b["masks"], b["valid"], 0, ins_per)
+    fake_img, fake_masks = G(a["img"], masks, valid)
+    rec_img, rec_masks = F(fake_img, fake_masks, valid)
+    idt_img, idt_masks = G(b["img"], b_masks, b_valid)
+    weight = M.context_weight(masks, valid, fake_masks, valid)
+    terms = {
+        "gan": lam.lambda_gan * L.lsgan(D(fake_img, fake_masks, valid), 1.0).mean(),
+        "cyc": lam.lambda_cyc * L.masked_l1(rec_img, rec_masks, valid, a["img"], masks).mean(),
+        "ctx": lam.lambda_ctx * L.context(a["img"], fake_img, weight).mean(),
+        "idt": lam.lambda_idt * L.masked_l1(idt_img, idt_masks, b_valid, b["img"], b_masks).mean(),
+    }
+    if "S" in nets:
+        terms["seg"] = lam.lambda_seg * seg_consistency(nets["S"], fake_img, masks, valid, fake_masks).mean()
+    parts = {"image_decoder": list(G.dec_img.parameters() if hasattr(G, "dec_img") else G.dec.parameters())}
+    if hasattr(G, "dec_mask"):
+        parts["mask_decoder"] = list(G.dec_mask.parameters())
+    grads = {part: {k: _grad_norm(v, params) for k, v in terms.items()} for part, params in parts.items()}
+    with torch.no_grad():
+        d_real = _views(D, b["img"], b["masks"], b["valid"])
+        d_fake = _views(D, fake_img, fake_masks, valid)
+    prog_file = Path(ckpt) / "progress.json"
+    prog = json.loads(prog_file.read_text()) if prog_file.exists() else {"step": int(payload["step"])}
+    return {**prog, "D_b_real": d_real, "D_b_fake": d_fake,
+            "D_b_gap": {k: d_real[k] - d_fake[k] for k in d_real},
+            "loss": {k: float(v.detach()) for k, v in terms.items()}, "grad_norm": grads}
+
+
+def diagnose_run(run: str | Path, data_root: str | Path, images: int = 16, split: str = "test") -> dict:
+    """diagnose_checkpoint at every checkpoint of a run folder (instagan.local layout) on the first `images` images
+    of `split`, plus the loss curves of metrics.jsonl. Writes <run>/diagnose.json and <run>/diagnose.png."""
+    from instagan.metrics import load_split
+
+    run = Path(run)
+    ckpts = sorted(run.glob("checkpoint_step*"), key=lambda p: p.name)
+    if not ckpts:
+        raise FileNotFoundError(f"{run} has no checkpoint_step* folder")
+    size = json.loads((ckpts[0] / checkpoint.CONFIG_FILE).read_text())["data"]["size"]
+    batch_a, batch_b = (load_split(data_root, split, d, size, limit=images, batch_size=images)[0][0] for d in "ab")
+    points = [diagnose_checkpoint(ck, batch_a, batch_b) for ck in ckpts]
+    curves = []
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            curves.append({"step": rec["step"], **{k: rec[k] for k in LOSS_KEYS if k in rec}})
+    report = {"run": str(run), "points": points, "loss_curves": curves}
+    (run / "diagnose.json").write_text(json.dumps(report, indent=2))
+    plot(report, run / "diagnose.png")
+    return report
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """Three panels: loss terms against steps; D_b's real - fake gap per view; gradient norms at the decoders."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
+    curves = report["loss_curves"]
+    for k in LOSS_KEYS:
+        xs = [c["step"] for c in curves if k in c]
+        if xs:
+            axes[0].plot(xs, [c[k] for c in curves if k in c], label=k.split("/")[1])
+    axes[0].set(title="loss terms (unweighted)", xlabel="step", yscale="log")
+    pts = report["points"]
+    steps = [p["step"] for p in pts]
+    for view in ("full", "image_only", "masks_only"):
+        axes[1].plot(steps, [p["D_b_gap"][view] for p in pts], marker="o", label=view)
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(title="D_b: mean score real b - fake (G_ab)", xlabel="step")
+    for part, style in (("image_decoder", "-"), ("mask_decoder", ":")):
+        for i, term in enumerate(("gan", "cyc", "ctx", "idt", "seg")):
+            ys = [p["grad_norm"].get(part, {}).get(term) for p in pts]
+            if all(y is not None for y in ys):
+                axes[2].plot(steps, ys, style, marker="o", color=f"C{i}", label=f"{term} {part.split('_')[0]}")
+    axes[2].set(title="grad norm at G_ab's decoders (weighted terms)", xlabel="step", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def probe(data_root: str | Path, cfg, steps: int = 300, every: int = 50, images: int = 32) -> dict:
+    """How fast can each judge learn the shape difference from REAL data alone? Fresh networks of `cfg`, trained on
+    the training split for `steps` steps of cfg.train.batch_size images per domain:
+    - D_b's image path: real b images ("real") against real a images ("fake": the ellipses a translator that does
+      not change the image leaves), masks hidden; accuracy and mean score gap on held-out images;
+    - D_b's joint head with the masks drawn as the a images' bounding boxes (a translator that changed the masks
+      but not the image), with d_inst_img as configured;
+    - the segmenter (instagan.networks.Segmenter) on both domains' images against the union of their masks: IoU.
+    -> {"step": [...], "d_image_acc": [...], "d_image_gap": [...], "d_boxes_acc": [...], "seg_iou": [...]}."""
+    from instagan.data import local_batches
+    from instagan.metrics import load_split
+    from instagan.networks import Segmenter, build_discriminator
+
+    torch.manual_seed(cfg.train.seed)
+    model = cfg.model
+    D_img, D_box = build_discriminator(model), build_discriminator(model)
+    S = Segmenter(model.ngf)
+    t = cfg.train
+    opts = [torch.optim.Adam(net.parameters(), lr=lr, betas=(t.beta1, t.beta2))
+            for net, lr in ((D_img, t.lr_d), (D_box, t.lr_d), (S, t.lr_s))]
+    test = {d: load_split(data_root, "test", d, cfg.data.size, limit=images, batch_size=images)[0][0] for d in "ab"}
+    out: dict[str, list] = {k: [] for k in ("step", "d_image_acc", "d_image_gap", "d_boxes_acc", "seg_iou")}
+
+    def losses(a: dict, b: dict) -> list[Tensor]:
+        none_a, none_b = torch.zeros_like(a["valid"]), torch.zeros_like(b["valid"])
+        d_img = 0.5 * (L.lsgan(D_img(b["img"], b["masks"], none_b), 1).mean()
+                       + L.lsgan(D_img(a["img"], a["masks"], none_a), 0).mean())
+        d_box = 0.5 * (L.lsgan(D_box(b["img"], b["masks"], b["valid"]), 1).mean()
+                       + L.lsgan(D_box(a["img"], _boxes(a["masks"]), a["valid"]), 0).mean())
+        img = torch.cat([a["img"], b["img"]])
+        target = torch.cat([M.union(a["masks"], a["valid"]), M.union(b["masks"], b["valid"])])
+        seg = torch.nn.functional.binary_cross_entropy_with_logits(S(img), target)
+        return [d_img, d_box, seg]
+
+    step, epoch = 0, 0
+    while step < steps:
+        for a, b in local_batches(data_root, cfg.data.split, t.batch_size, cfg.data.size, cfg.data.load_size, True,
+                                  t.seed, epoch, ins_cap=t.ins_max):
+            for opt, loss in zip(opts, losses(a, b)):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            step += 1
+            if step % every == 0:
+                out["step"].append(step)
+                with torch.no_grad():
+                    for net in (D_img, D_box):
+                        net.eval()
+                    ta, tb = test["a"], test["b"]
+                    sa = D_img(ta["img"], ta["masks"], torch.zeros_like(ta["valid"])).flatten(1).mean(1)
+                    sb = D_img(tb["img"], tb["masks"], torch.zeros_like(tb["valid"])).flatten(1).mean(1)
+                    out["d_image_acc"].append(float(((sb > 0.5).float().mean() + (sa < 0.5).float().mean()) / 2))
+                    out["d_image_gap"].append(float(sb.mean() - sa.mean()))
+                    ba = D_box(ta["img"], _boxes(ta["masks"]), ta["valid"]).flatten(1).mean(1)
+                    bb = D_box(tb["img"], tb["masks"], tb["valid"]).flatten(1).mean(1)
+                    out["d_boxes_acc"].append(float(((bb > 0.5).float().mean() + (ba < 0.5).float().mean()) / 2))
+                    for net in (D_img, D_box):
+                        net.train()
+                    img = torch.cat([ta["img"], tb["img"]])
+                    truth = torch.cat([M.union(ta["masks"], ta["valid"]), M.union(tb["masks"], tb["valid"])]) > 0.5
+                    pred = S(img) > 0
+                    out["seg_iou"].append(float((pred & truth).sum() / (pred | truth).sum().clamp(min=1)))
+            if step >= steps:
+                break
+        epoch += 1
+    return out
+
+
+def _boxes(masks: Tensor) -> Tensor:
+    """Each mask's bounding box as a mask: (B, N, H, W) in [-1, 1] -> the same, filled boxes (empty stays empty)."""
+    fg = masks > 0
+    box = fg.any(3)[..., :, None] & fg.any(2)[..., None, :]
+    return box.to(masks.dtype) * 2 - 1
