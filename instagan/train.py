@@ -133,7 +133,8 @@ class TrainState:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
 
 
-def prepare_batch(batch: dict[str, Tensor], ins_max: int, device: torch.device, union: bool = False) -> dict[str, Tensor]:
+def prepare_batch(batch: dict[str, Tensor], ins_max: int, device: torch.device,
+                  union: bool = False) -> dict[str, Tensor]:
     """Order instances by decreasing area, keep the `ins_max` largest, move to `device`. union: then merge them
     into one instance (the CycleGAN baselines, which translate in one step)."""
     masks, valid, _ = M.sort_by_area(batch["masks"], batch["valid"].bool())

@@ -28,10 +28,10 @@ def test_chunks_follow_decreasing_area(monkeypatch):
     seen = {"ab": [], "ba": []}
     real = T._translation_losses
 
-    def spy(G, F, D, d, masks, valid, active):
+    def spy(G, F, D, d, masks, valid, active, S=None):
         key = "ab" if d.real is state_dirs["a"] else "ba"
         seen[key].append(M.areas(masks, valid).clone())
-        return real(G, F, D, d, masks, valid, active)
+        return real(G, F, D, d, masks, valid, active, S)
 
     monkeypatch.setattr(T, "_translation_losses", spy)
     state = T.TrainState.create(tiny_cfg(ins_max=5, ins_per=2))
