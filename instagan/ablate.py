@@ -13,7 +13,8 @@ input; untrained: fresh generators of the same config). The folder gets:
 - curves.png: each headline metric against training CPU-minutes, one line per recipe, floors dashed;
 - grid.png: test images a->b and b->a (input with masks, each recipe's translated image, the first recipe's
   translated masks), labelled.
-Runs are resumable per recipe: a recipe whose run folder already has its final checkpoint is not trained again.
+Runs are resumable per recipe: a recipe whose run folder already has its final checkpoint is not trained again,
+one stopped part way continues from its latest checkpoint (same config and budget, or it stops with an error).
 No Ray: processes from `concurrent.futures`.
 """
 
@@ -71,7 +72,7 @@ def _train(name: str, cfg_dict: dict, folder: str, budget_cpu_s: float, points: 
 
     cfg = Config.from_dict(cfg_dict)
     t0 = time.perf_counter()
-    last = train_local(cfg, folder, budget_cpu_s=budget_cpu_s, checkpoints=points)
+    last = train_local(cfg, folder, budget_cpu_s=budget_cpu_s, checkpoints=points, resume=True)
     prog = json.loads((last / "progress.json").read_text())
     return {"name": name, "cpu_s": prog["cpu_s"], "steps": prog["step"], "wall_s": time.perf_counter() - t0}
 
@@ -107,7 +108,8 @@ def check_targets(final: dict[str, dict], recipes: list[str]) -> list[dict]:
         for key, direction, better in (("img_shape", "a2b", max), ("bg_err", "a2b", min), ("bg_err", "b2a", min)):
             mine, theirs = final[best][direction].get(key), final[base][direction].get(key)
             ok = None not in (mine, theirs) and mine != theirs and better(mine, theirs) == mine
-            out.append({"recipe": best, "metric": f"{key} {direction}", "target": f"ahead of {base} ({'-' if theirs is None else f'{theirs:.3f}'})",
+            shown = "-" if theirs is None else f"{theirs:.3f}"
+            out.append({"recipe": best, "metric": f"{key} {direction}", "target": f"ahead of {base} ({shown})",
                         "value": mine, "met": ok})
     return out
 
@@ -205,7 +207,8 @@ def table(report: dict) -> str:
         lines.append(f"| {label} | | | " + " | ".join(fmt(f[c.split()[1]].get(c.split()[0])) for c in cols) + " |")
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for t in report["targets"]:
-        lines.append(f"| {t['recipe']}: {t['metric']} {t['target']} | {fmt(t['value'])} | {'yes' if t['met'] else 'NO'} |")
+        met = "yes" if t["met"] else "NO"
+        lines.append(f"| {t['recipe']}: {t['metric']} {t['target']} | {fmt(t['value'])} | {met} |")
     return "\n".join(lines)
 
 

@@ -7,8 +7,8 @@ checkpoint format as the Ray Train job, for a laptop, a quick ablation or a debu
 The run folder gets config.json, checkpoint_stepXXXXXXXX/ (instagan.checkpoint: state.pt + config.json, loadable by
 Translator.from_checkpoint and jobs/evaluate.py) every `run.checkpoint_every` steps and at the end,
 metrics.jsonl (one line per `run.log_every` steps, with process CPU seconds so runs can be compared on a busy
-machine) and samples/step_XXXXXX.png every `run.image_every` steps. One process: no DDP, no resume (use the Ray job
-for long runs); `torch.set_num_threads` decides the cores it uses. `budget_cpu_s` trains for a fixed CPU budget
+machine) and samples/step_XXXXXX.png every `run.image_every` steps. One process, no DDP (use the Ray job for long
+runs); `torch.set_num_threads` decides the cores it uses. `budget_cpu_s` trains for a fixed CPU budget
 instead of a step count (the quality harness, instagan.ablate, compares models at equal CPU seconds).
 """
 
@@ -29,38 +29,49 @@ VIS_ROWS = 4
 
 
 def train_local(cfg: Config, folder: str | Path, device: str = "cpu", budget_cpu_s: float | None = None,
-                checkpoints: int = 0) -> Path:
+                checkpoints: int = 0, resume: bool = False) -> Path:
     """Train `cfg` in this process until run.max_steps (or all epochs); returns the last checkpoint folder.
 
     budget_cpu_s: train for this many process CPU-seconds instead (steps and epochs are then unbounded), with the
     config's lr shape stretched over the budget: constant for the first epochs / (epochs + epochs_decay) of it,
     then linear decay to 0. checkpoints > 0 (budget mode): also save one each time another 1/checkpoints of the
     budget is spent, so quality can be followed against CPU time. Each checkpoint folder gets progress.json
-    ({"step", "epoch", "cpu_s", "wall_s"}).
+    ({"step", "epoch", "epoch_step", "cpu_s", "wall_s"}).
+    resume: continue from the folder's latest checkpoint (its step, optimizer state, batches of the epoch and, in
+    budget mode, CPU-seconds spent) instead of starting over; the config's model must be the checkpoint's.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(cfg.to_json() + "\n")
-    state = TrainState.create(cfg, device)
     t, d, r = cfg.train, cfg.data, cfg.run
-    total = None if budget_cpu_s else r.max_steps or None
-    epochs = itertools.count() if budget_cpu_s else range(t.epochs + t.epochs_decay)
-    marks = [budget_cpu_s * (i + 1) / checkpoints for i in range(checkpoints)] if budget_cpu_s else []
-    last: Path | None = None
     clock = _Clock()
+    last = _latest(folder) if resume else None
+    state, epoch_step = _resume(cfg, last, clock, device, budget_cpu_s) if last else (TrainState.create(cfg, device), 0)
+    total = None if budget_cpu_s else r.max_steps or None
+    epochs = itertools.count(state.epoch) if budget_cpu_s else range(state.epoch, t.epochs + t.epochs_decay)
+    marks = [budget_cpu_s * (i + 1) / checkpoints for i in range(checkpoints)] if budget_cpu_s else []
+    marks = [m for m in marks if m > clock.cpu()]
     vis: dict[str, dict] = {}
-    done = False
+    done = bool(total and state.step >= total) or bool(budget_cpu_s and clock.cpu() >= budget_cpu_s)
+    seen = 0
 
     def save() -> Path:
         out = checkpoint.save(state, folder / f"checkpoint_step{state.step:08d}")
-        (out / "progress.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch, **clock.read()}))
+        progress = {"step": state.step, "epoch": state.epoch, "epoch_step": seen, "budget_cpu_s": budget_cpu_s}
+        (out / "progress.json").write_text(json.dumps({**progress, **clock.read()}))
         return out
 
     with open(folder / "metrics.jsonl", "a") as log:
         for epoch in epochs:
+            if done:
+                break
+            seen = 0
             for batch_a, batch_b in local_batches(d.root, d.split, t.batch_size, d.size, d.load_size, d.flip,
                                                   t.seed, epoch, ins_cap=t.ins_max):
                 vis = vis or {"a": _head(batch_a), "b": _head(batch_b)}
+                seen += 1
+                if seen <= epoch_step:  # trained before the checkpoint this run resumed from
+                    continue
                 if budget_cpu_s:
                     _set_lr(state, _budget_factor(cfg, clock.cpu() / budget_cpu_s))
                 metrics = train_step(state, batch_a, batch_b)
@@ -79,6 +90,7 @@ def train_local(cfg: Config, folder: str | Path, device: str = "cpu", budget_cpu
                 done = bool(total and state.step >= total) or bool(budget_cpu_s and clock.cpu() >= budget_cpu_s)
                 if done:
                     break
+            epoch_step = 0
             if done:
                 break
             if budget_cpu_s:
@@ -89,6 +101,40 @@ def train_local(cfg: Config, folder: str | Path, device: str = "cpu", budget_cpu
         last = save()
     _grid(state, vis, folder)
     return last
+
+
+def _latest(folder: Path) -> Path | None:
+    """The run folder's checkpoint with the highest step (None if it has none)."""
+    found = [p for p in folder.glob("checkpoint_step*") if (p / checkpoint.STATE_FILE).is_file()]
+    return max(found, key=lambda p: p.name) if found else None
+
+
+def _resume(cfg: Config, ckpt: Path, clock: "_Clock", device: str,
+            budget_cpu_s: float | None) -> tuple[TrainState, int]:
+    """The state saved in `ckpt`, the clock set to the time it had spent. -> (state, batches of its epoch done)."""
+    saved_cfg, payload = checkpoint.load(ckpt, device)
+    prog = json.loads((ckpt / "progress.json").read_text()) if (ckpt / "progress.json").is_file() else {}
+    for what, saved, asked in (*((f"{k} config", getattr(saved_cfg, k), getattr(cfg, k))
+                                 for k in ("model", "loss", "train", "data")),
+                               ("CPU budget", prog.get("budget_cpu_s", budget_cpu_s), budget_cpu_s)):
+        if saved != asked:
+            raise ValueError(f"checkpoint {ckpt} was trained with another {what} than this run asks for: "
+                             f"use another run folder (or delete this one) to train it anew")
+    state = TrainState.create(cfg, device)
+    state.load_state_dict(payload)
+    log = ckpt.parent / "metrics.jsonl"
+    if log.is_file():  # drop what was logged after the checkpoint: those steps are trained again
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= state.step))
+    clock.cpu0 -= prog.get("cpu_s", 0.0)
+    clock.wall0 -= prog.get("wall_s", 0.0)
+    if "epoch_step" in prog:
+        return state, int(prog["epoch_step"])
+    # Checkpoints written before progress.json had epoch_step: every epoch has the same number of batches.
+    d, t = cfg.data, cfg.train
+    per_epoch = sum(1 for _ in local_batches(d.root, d.split, t.batch_size, d.size, d.load_size, d.flip, t.seed,
+                                             0, ins_cap=t.ins_max))
+    return state, state.step - state.epoch * per_epoch
 
 
 class _Clock:
