@@ -194,6 +194,13 @@ def paint_weight(masks: Tensor, valid: Tensor) -> Tensor:
     return fg.sum(dim=1, keepdim=True).clamp(max=1)
 
 
+def _check_shapes(img: Tensor, masks: Tensor, valid: Tensor) -> None:
+    if masks.ndim != 4 or masks.shape[:1] + masks.shape[2:] != img.shape[:1] + img.shape[2:] \
+            or tuple(valid.shape) != tuple(masks.shape[:2]):
+        raise ValueError(f"masks {tuple(masks.shape)} and valid {tuple(valid.shape)} do not match the image "
+                         f"{tuple(img.shape)}: expected (B, N, H, W) and (B, N)")
+
+
 def _gather_instances(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The batch's valid masks as one batch (M, 1, H, W), the image each belongs to (M,), and a weight (M,).
 
@@ -231,10 +238,10 @@ class SetGenerator(nn.Module):
     - mask_cond: the image decoder also sees the union of the input masks and of the translated masks
       (`CondDecoder`), so the image can follow the new shapes.
     - paint: how the image decoder's output d (tanh) becomes the painted image g. "direct" (the paper): g = d.
-      "residual": g = clamp(img + 2 d, -1, 1), a change of the input: a pixel that should stay needs d = 0 (where tanh has its
-      largest gradient), so objects keep their colours where their shape does not change. "gated": d has a
-      fourth channel, a gate a in [0, 1], and g = a * img + (1 - a) * d (attention-guided painting as in
-      GANimation); measured to collapse to a = 1, copying the input everywhere (README "Quality").
+      "residual": g = clamp(img + 2 d, -1, 1), a change of the input: a pixel that should stay needs d = 0
+      (where tanh has its largest gradient), so objects keep their colours where their shape does not change.
+      "gated": d has a fourth channel, a gate a in [0, 1], and g = a * img + (1 - a) * d (attention-guided
+      painting as in GANimation); measured to collapse to a = 1, copying the input everywhere (README "Quality").
     - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
     """
 
@@ -255,6 +262,7 @@ class SetGenerator(nn.Module):
         _init_weights(self)
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        _check_shapes(img, masks, valid)
         b = img.shape[0]
         feat_img = self.enc_img(img)
         sel, owner, weight = _gather_instances(masks, valid)
@@ -306,8 +314,8 @@ class SetDiscriminator(nn.Module):
     """InstaGAN discriminator: PatchGAN 70x70 over [f_DX(x); sum_i f_DA(a_i)], spectral norm on every conv.
 
     img (B, 3, H, W), masks (B, N, H, W), valid (B, N) -> (B, 1, H/8 - 2, W/8 - 2) least-squares scores (2
-    channels with img_head). Invariant to the order of instances. `set_feature` and `classify` split the forward so a caller can add
-    the features of masks it holds fixed (computed once without gradients) to those of new masks:
+    channels with img_head). Invariant to the order of instances. `set_feature` and `classify` split the forward so a
+    caller can add the features of masks it holds fixed (computed once without gradients) to those of new masks:
     D(x, a1 + a2) == D.classify(x, D.set_feature(a1) + D.set_feature(a2)).
 
     Options beyond the paper (off by default), so that D cannot be satisfied by the masks alone:

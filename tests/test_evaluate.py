@@ -42,7 +42,10 @@ def setup(tmp_path_factory):
 def test_train_classifier_reports_and_saves(setup):
     tmp, report, bad_id = setup
     assert report["train"]["images"] == 18 and report["test"]["images"] == 5
-    assert 0.0 <= report["train"]["acc"] <= 1.0 and 0.0 <= report["test"]["acc_masked"] <= 1.0
+    # Accuracies are shares of the images counted above (18 train, 5 test): k / n exactly.
+    for part, n in (("train", 18), ("test", 5)):
+        for key in ("acc", "acc_masked"):
+            assert report[part][key] * n == pytest.approx(round(report[part][key] * n)), (part, key)
     assert [s["id"] for s in report["skipped"]] == [bad_id]
     model, meta = load_classifier(tmp / "clf.pt")  # weights_only=True inside
     assert meta["arch"] == "resnet18" and meta["size"] == 64 and model.input_size == 64
@@ -50,7 +53,7 @@ def test_train_classifier_reports_and_saves(setup):
 
 
 def test_evaluate_writes_json_and_grid(setup, capsys):
-    tmp, _, bad_id = setup
+    tmp, clf_report, bad_id = setup
     brief = evaluate_job.main(["--checkpoint", str(tmp / "ckpt"), "--data-root", str(tmp / "data"),
                                "--classifier", str(tmp / "clf.pt"), "--out", str(tmp / "eval")])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -65,8 +68,12 @@ def test_evaluate_writes_json_and_grid(setup, capsys):
         for direction in ("a2b", "b2a"):
             vals = rows[row][direction]
             assert vals["images"] == (2 if direction == "a2b" else 3)
-            for key in ("cls", "cls_masked", "bg_err", "inst", "iou", "img_survive", "img_shape"):
-                assert vals[key] is not None and vals[key] >= 0.0, (row, direction, key)
+            for key in ("cls", "cls_masked", "inst", "iou", "img_survive", "img_shape"):  # shares
+                assert vals[key] is not None and 0.0 <= vals[key] <= 1.0, (row, direction, key)
+            assert 0.0 <= vals["bg_err"] <= 2.0  # [-1, 1] units
+    # The real row is the classifier's accuracy on the same test images train_classifier reported on (2 a + 3 b).
+    real = rows["real"]
+    assert (2 * real["a"]["acc"] + 3 * real["b"]["acc"]) / 5 == pytest.approx(clf_report["test"]["acc"])
     for direction in ("a2b", "b2a"):  # the identity floor is exact
         ident = rows["identity"][direction]
         assert ident["bg_err"] == 0.0 and ident["inst"] == 1.0 and ident["iou"] == 1.0 and ident["img_survive"] == 1.0

@@ -7,7 +7,8 @@ from instagan.networks import SetDiscriminator, SetGenerator, count_parameters
 from instagan.synthetic import make_batch
 
 
-LEVERS = {"composite": True, "mask_cond": True, "upsample": "resize", "paint": "residual"}  # every generator option beyond the paper
+# Every generator option beyond the paper's recipe.
+LEVERS = {"composite": True, "mask_cond": True, "upsample": "resize", "paint": "residual"}
 
 
 @pytest.fixture(scope="module", params=["paper", "levers"])
@@ -131,8 +132,10 @@ def test_every_parameter_gets_a_gradient_even_without_instances(levers):
 
 def test_masks_of_another_size_raise():
     G = SetGenerator(ngf=4, n_blocks=1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"masks \(1, 2, 16, 16\) .* do not match the image \(1, 3, 32, 32\)"):
         G(torch.zeros(1, 3, 32, 32), torch.zeros(1, 2, 16, 16), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"valid \(1, 3\)"):
+        G(torch.zeros(1, 3, 32, 32), torch.zeros(1, 2, 32, 32), torch.ones(1, 3, dtype=torch.bool))
 
 
 def test_grouped_discriminator_features_give_the_same_result_and_gradients():
@@ -166,7 +169,8 @@ def test_baseline_generators_and_the_image_only_discriminator():
     G = build_generator(ModelConfig(arch="cyclegan", ngf=8, n_blocks=1))
     y, m = G(img, masks, valid)
     assert m is masks and torch.equal(G(img, -masks, valid)[0], y)  # masks are not looked at
-    assert count_parameters(build_generator(ModelConfig(arch="cyclegan"))) == 11_378_179  # CycleGAN's ResNet-9 generator
+    # CycleGAN's ResNet-9 generator
+    assert count_parameters(build_generator(ModelConfig(arch="cyclegan"))) == 11_378_179
     Gs = build_generator(ModelConfig(arch="cyclegan_seg", ngf=8, n_blocks=1))
     union = masks[:, :1]
     ys, ms = Gs(img, union, valid[:, :1])
