@@ -40,8 +40,11 @@ def _views(D, img: Tensor, masks: Tensor, valid: Tensor) -> dict[str, float]:
 
 
 def _grad_norm(loss: Tensor, params: list[torch.nn.Parameter]) -> float:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    """Norm of d loss / d params; 0 when the loss does not reach them at all (e.g. a detached path)."""
+    if not loss.requires_grad:
+        return 0.0
+    grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if g is not None]
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
 
 
 def diagnose_checkpoint(ckpt: str | Path, batch_a: dict, batch_b: dict) -> dict:

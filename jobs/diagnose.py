@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.probe:
         cfg = Config.from_file(a.config).replace(**{"data.root": a.data_root, "data.split": "train"})
-        curves = probe(a.data_root, cfg, a.steps)
+        curves = probe(a.data_root, cfg, a.steps, images=a.images)
         for i, step in enumerate(curves["step"]):
             print(json.dumps({k: round(v[i], 3) for k, v in curves.items()}))
         return 0
