@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,9 @@ class RunConfig:
     classifier: str = ""  # domain classifier weights for val/cls_* (jobs/train_classifier.py); "" = none
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"run.name must be a non-empty folder name without '/', got {self.name!r}")
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ValueError(f"run.name must be a folder name inside the storage path (no '/', '\\', '.' or "
+                             f"'..'), got {self.name!r}")
         if self.workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError(f"run.workers ({self.workers}) must be >= 1 and run.cpus_per_worker "
                              f"({self.cpus_per_worker}) > 0")
@@ -127,6 +129,28 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}
+
+# Ranges of the numeric keys: key -> (lowest allowed, whether the lowest itself is allowed). Every float must also
+# be finite. Keys not listed take any value of their type (seed) or are checked in __post_init__ (run.*).
+_RANGES: dict[str, tuple[float, bool]] = {
+    "model.ngf": (1, True), "model.ndf": (1, True), "model.n_blocks": (0, True),
+    **{f"loss.{k}": (0.0, True) for k in ("lambda_cyc", "lambda_idt", "lambda_ctx", "lambda_gan", "lambda_seg")},
+    **{f"train.{k}": (0.0, False) for k in ("lr_g", "lr_d", "lr_s")},
+    "train.beta1": (0.0, True), "train.beta2": (0.0, True),
+    "train.epochs": (0, True), "train.epochs_decay": (0, True), "train.pool_size": (0, True),
+}
+_BELOW_ONE = ("train.beta1", "train.beta2")  # Adam's betas are in [0, 1)
+
+
+def _check_range(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+    if key in _RANGES:
+        low, inclusive = _RANGES[key]
+        if value < low or (value == low and not inclusive):
+            raise ValueError(f"config key '{key}' must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+    if key in _BELOW_ONE and value >= 1:
+        raise ValueError(f"config key '{key}' must be < 1, got {value!r}")
 
 
 def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -156,6 +180,7 @@ def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
                 value = str(value)
         except (TypeError, ValueError):
             raise ValueError(f"config key '{where}.{name}' expects {type(default).__name__}, got {value!r}") from None
+        _check_range(f"{where}.{name}", value)
         out[name] = value
     return cls(**out)
 
@@ -199,7 +224,8 @@ class Config:
         import yaml
 
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            with open(path) as f:  # a stream, so that YAML's error names the file (and line) rather than a string
+                values = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(values, dict):
