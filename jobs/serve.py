@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:  # `python jobs/serve.py` puts jobs/, not the repo
     sys.path.insert(0, str(ROOT))
 
 from instagan.infer import Translator  # noqa: E402
+from instagan.checkpoint import validate as validate_checkpoint  # noqa: E402
+from instagan.infer import DIRECTIONS as DIRECTION_NETS  # noqa: E402
 
 APP_NAME = "instagan"
 AMP = {"none": None, "bf16": "bfloat16", "fp16": "float16"}  # --amp -> torch dtype name
@@ -251,8 +253,7 @@ def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, de
     threads: torch threads per replica (0: the default, which Ray sets from num_cpus); amp: none, bf16 or fp16."""
     if amp not in AMP:
         raise ValueError(f"amp must be one of {sorted(AMP)}, got {amp!r}")
-    if not Path(checkpoint, "state.pt").is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no state.pt (is it a checkpoint directory?)")
+    validate_checkpoint(checkpoint, (DIRECTION_NETS[direction],) if direction in DIRECTION_NETS else ())
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     actor = {"num_cpus": num_cpus, **({"num_gpus": 1} if device.startswith("cuda") else {})}

@@ -72,6 +72,8 @@ from data_prep import coco, folder  # noqa: E402
 from data_prep.rows import Options, UsageError, encode_masks, quarantine_row  # noqa: E402
 from data_prep.writer import guarded  # noqa: E402
 from instagan.data import decode_masks  # noqa: E402
+from instagan.checkpoint import validate as validate_checkpoint  # noqa: E402
+from instagan.infer import DIRECTIONS as DIRECTION_NETS  # noqa: E402
 
 ROWS = pa.schema([  # what the translate actors take: data_prep's columns, plus problems found on the way
     ("id", pa.string()), ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
@@ -501,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if min(args.ins_max, args.ins_per, args.actors, args.batch_size, args.rows_per_file) < 1:
             raise UsageError("--ins-max, --ins-per, --actors, --batch-size and --rows-per-file must be >= 1")
-        if not (Path(args.checkpoint) / "state.pt").is_file() and "://" not in args.checkpoint:
-            raise UsageError(f"{args.checkpoint} is not a checkpoint directory (no state.pt)")
+        if "://" not in args.checkpoint:  # before Ray starts: readable, and the weights fit its config.json
+            try:
+                validate_checkpoint(args.checkpoint, (DIRECTION_NETS[args.direction],))
+            except (OSError, ValueError) as err:
+                raise UsageError(str(err)) from None
         source = resolve_input(args.input, args.kind, args.direction, args.split, args.images, args.a, args.b,
                                args.threshold)
     except UsageError as e:
