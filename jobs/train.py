@@ -154,6 +154,18 @@ def init_ray(cfg: Config, address: str | None) -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1, need))
 
 
+def data_problem(cfg: Config) -> str | None:
+    """Why cfg.data cannot be trained on, checked before Ray starts (local paths only; URIs are read by Ray)."""
+    root = cfg.data.root
+    if not root or "://" in root:
+        return None
+    missing = [d for d in ("a", "b") if not any((Path(root) / cfg.data.split / d).glob("part-*.parquet"))]
+    if missing:
+        return (f"data.root {root} has no Parquet files for domain(s) {', '.join(missing)} of split "
+                f"'{cfg.data.split}' (expected {root}/{cfg.data.split}/<a|b>/part-*.parquet, written by data_prep)")
+    return None
+
+
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for `cfg` (Ray must be initialised); datasets from cfg.data. callbacks: Ray Train
     UserCallbacks (jobs/tune.py passes a TuneReportCallback)."""
@@ -186,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    missing = data_problem(cfg)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     cfg = synthetic_data(cfg, args.synthetic_n)
     folder = run_folder(cfg)
     write_text(f"{folder}/config.json", cfg.to_json() + "\n")

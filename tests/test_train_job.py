@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def test_bad_overrides_are_clear_errors(args, words):
     out = run_script(*args, "--print-config")
     assert out.returncode == 2
     assert all(w in out.stderr for w in words), out.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data-root", "/nonexistent/set"], ["data.root /nonexistent/set has no Parquet files", "a, b"]),
+    (["--set", "train.lr_g=nan"], ["'train.lr_g' must be a finite number"]),
+    (["--set", "run.name=.."], ["run.name must be a folder name inside the storage path"]),
+])
+def test_unusable_settings_stop_before_ray_starts(args, words):
+    t0 = time.perf_counter()
+    out = run_script(*args)
+    assert out.returncode == 2 and time.perf_counter() - t0 < 30
+    assert all(w in out.stderr for w in words) and "Ray" not in out.stdout, (out.stdout, out.stderr)
 
 
 def test_unknown_key_in_a_config_file_is_an_error(tmp_path):
