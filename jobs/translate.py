@@ -503,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if min(args.ins_max, args.ins_per, args.actors, args.batch_size, args.rows_per_file) < 1:
             raise UsageError("--ins-max, --ins-per, --actors, --batch-size and --rows-per-file must be >= 1")
+        if "://" not in args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out} is a file, not a folder: translations are written as a folder of "
+                             f"Parquet files (and PNGs with --png)")
         if "://" not in args.checkpoint:  # before Ray starts: readable, and the weights fit its config.json
             try:
                 validate_checkpoint(args.checkpoint, (DIRECTION_NETS[args.direction],))

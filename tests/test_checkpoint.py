@@ -96,3 +96,14 @@ def test_jobs_refuse_a_bad_checkpoint_with_exit_2_before_ray(good, tmp_path, cap
     assert time.perf_counter() - t0 < 10 and not ray.is_initialized()
     err = capsys.readouterr().err
     assert err.count("error: ") == 2 and len(re.findall(reason, err)) == 2, err
+
+
+def test_translate_refuses_an_out_that_is_a_file_before_ray(good, tmp_path, capsys):
+    import ray
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out.txt").write_text("not a folder")
+    assert translate_job.main(["--checkpoint", str(good), "--input", str(tmp_path / "in"),
+                               "--out", str(tmp_path / "out.txt")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and not ray.is_initialized()
+    assert (tmp_path / "out.txt").read_text() == "not a folder"
