@@ -117,6 +117,8 @@ def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, 
         req = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(400, "body is not a request: JSON nested too deeply") from None
     if not isinstance(req, dict):
         raise BadRequest(400, f"body must be a JSON object with keys image and masks, got {type(req).__name__}")
     missing, unknown = sorted(FIELDS - req.keys()), sorted(req.keys() - FIELDS)
@@ -135,6 +137,8 @@ def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, 
         if im.size != (w, h):
             raise BadRequest(422, f"masks[{k}]: {im.height}x{im.width} differs from the image's {h}x{w}")
         masks[k] = np.asarray(im) >= MASK_THRESHOLD
+        if not masks[k].any():  # data_prep quarantines such masks too
+            raise BadRequest(422, f"masks[{k}]: empty (no pixel >= {MASK_THRESHOLD}): send only masks of instances")
     try:
         Translator.check_item(img, masks)
     except ValueError as e:

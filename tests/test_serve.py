@@ -129,6 +129,9 @@ def malformed(n: int = 50) -> list[tuple[str, dict, int]]:
         ("oversize body", {"data": b"{" + b" " * 1_100_000 + b"}"}, 413),
         ("oversize chunked body", {"chunks": [b"{" + b" " * 600_000] * 2}, 413),  # sent without Content-Length
         ("image too small", {"json": {"image": b64(png(np.zeros((2, 2, 3), np.uint8))), "masks": []}}, 422),
+        ("deeply nested JSON", {"data": b"[" * 100_000 + b"]" * 100_000}, 400),
+        ("empty mask", {"json": {"image": b64(image), "masks": [b64(masks[0]), b64(png(np.zeros((256, 256),
+                                                                                            np.uint8)))]}}, 422),
     ]
     return [cases[i % len(cases)] for i in range(n)]
 
@@ -144,7 +147,7 @@ def test_malformed_requests_get_4xx_and_the_replica_survives(url):
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         assert r.json()["error"], name
         seen.add(name)
-    assert len(seen) == 19
+    assert len(seen) == 21
     image, masks = photo("1106")
     r = requests.post(f"{url}/translate", data=body(image, masks), timeout=120)
     assert r.status_code == 200 and len(r.json()["masks"]) == 2
