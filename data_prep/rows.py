@@ -23,6 +23,7 @@ decodes in ~65 us against ~195 us (measured here), and it is the COCO format use
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +46,14 @@ class UsageError(Exception):
     """The inputs themselves are unusable (no annotation file, unknown domain category...): exit code 2."""
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 class BadInput(Exception):
     """An input that is skipped with one quarantine row: `reason` is a short fixed token, `detail` free text."""
 
     def __init__(self, reason: str, detail: str = ""):
+        detail = _ADDRESS.sub("", detail)  # "<_io.BytesIO object at 0x7f...>": the same reason reads the same
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
 

@@ -329,3 +329,18 @@ def test_cli_help_and_module_entry():
     out = subprocess.run([sys.executable, "-m", "data_prep", "coco", "--help"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0 and "--exclusive" in out.stdout and "--max-side" in out.stdout
+
+
+def test_unreadable_image_reasons_read_the_same_every_time(tmp_path):
+    """A zero-byte or garbage file is quarantined with a reason that names the problem, not a memory address."""
+    from data_prep.rows import BadInput, load_image
+
+    details = set()
+    for name, data in (("empty.jpg", b""), ("text.png", b"not an image" * 10)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BadInput) as info:
+            load_image(tmp_path / name)
+        assert info.value.reason == "unreadable_image" and "0x" not in info.value.detail, info.value.detail
+        assert "cannot identify image file" in info.value.detail
+        details.add(info.value.detail)
+    assert len(details) == 1  # the same reason text for the same kind of problem
