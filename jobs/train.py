@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # `python jobs/train.py` puts jobs/, not the repo
 from instagan.config import Config  # noqa: E402
 
 # The embedded default (configs/tiny_synthetic.yaml): a tiny model with the quality recipe on generated 64x64
-# images, 2 CPU workers at half a CPU each, about 8 minutes on a 2-core laptop, then the test metrics.
+# images, 2 CPU workers at half a CPU each, about 9 minutes on a 2-core laptop, then the test metrics.
 DEFAULT = {
     "model": {"ngf": 16, "ndf": 16, "n_blocks": 2, "composite": True, "paint": "residual", "mask_cond": True},
     "loss": {"lambda_seg": 2},
