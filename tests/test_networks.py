@@ -155,9 +155,9 @@ def test_grouped_discriminator_features_give_the_same_result_and_gradients():
         D.load_state_dict(state)  # undo the power iteration's buffer update
     torch.testing.assert_close(grads[1][0], grads[0][0])
     for g1, g0 in zip(grads[1][1], grads[0][1]):
-        # fp32 sums in another order (and oneDNN kernels chosen by buffer alignment): equal to 1e-4 of the
+        # fp32 sums in another order (and oneDNN kernels chosen by buffer alignment): equal to 1e-3 of the
         # tensor's scale; a group left out or counted twice would differ by the scale itself
-        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-4 * float(g0.abs().max()))
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=max(1e-6, 1e-3 * float(g0.abs().max())))
 
 
 def test_baseline_generators_and_the_image_only_discriminator():
