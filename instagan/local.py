@@ -38,7 +38,8 @@ def train_local(cfg: Config, folder: str | Path, device: str = "cpu", budget_cpu
     budget is spent, so quality can be followed against CPU time. Each checkpoint folder gets progress.json
     ({"step", "epoch", "epoch_step", "cpu_s", "wall_s"}).
     resume: continue from the folder's latest checkpoint (its step, optimizer state, batches of the epoch and, in
-    budget mode, CPU-seconds spent) instead of starting over; the config's model must be the checkpoint's.
+    budget mode, CPU-seconds spent) instead of starting over; its model, loss, train and data sections and the
+    budget must be the checkpoint's (run.* may differ, e.g. a larger max_steps), or it raises ValueError.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
