@@ -37,7 +37,7 @@ from torch import Tensor
 from instagan import checkpoint
 from instagan import masks as M
 from instagan.config import Config
-from instagan.networks import build_generator
+from instagan.networks import build_generator, check_shapes
 
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 
@@ -83,9 +83,7 @@ class Translator:
     def translate(self, img: Tensor, masks: Tensor, valid: Tensor) -> Translation:
         if img.ndim != 4 or img.shape[1] != 3:
             raise ValueError(f"img must be (B, 3, H, W), got {tuple(img.shape)}")
-        if masks.shape[:1] + masks.shape[2:] != img.shape[:1] + img.shape[2:] or valid.shape != masks.shape[:2]:
-            raise ValueError(f"masks {tuple(masks.shape)} / valid {tuple(valid.shape)} do not match img "
-                             f"{tuple(img.shape)}: expected (B, N, H, W) and (B, N)")
+        check_shapes(img, masks, valid)
         if img.shape[2] % 4 or img.shape[3] % 4:
             raise ValueError(f"image height and width must be multiples of 4, got {tuple(img.shape[2:])}")
         dev = self.device

@@ -194,7 +194,8 @@ def paint_weight(masks: Tensor, valid: Tensor) -> Tensor:
     return fg.sum(dim=1, keepdim=True).clamp(max=1)
 
 
-def _check_shapes(img: Tensor, masks: Tensor, valid: Tensor) -> None:
+def check_shapes(img: Tensor, masks: Tensor, valid: Tensor) -> None:
+    """Raise ValueError naming both shapes unless masks are (B, N, H, W) and valid (B, N) for img (B, C, H, W)."""
     if masks.ndim != 4 or masks.shape[:1] + masks.shape[2:] != img.shape[:1] + img.shape[2:] \
             or tuple(valid.shape) != tuple(masks.shape[:2]):
         raise ValueError(f"masks {tuple(masks.shape)} and valid {tuple(valid.shape)} do not match the image "
@@ -262,7 +263,7 @@ class SetGenerator(nn.Module):
         _init_weights(self)
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        _check_shapes(img, masks, valid)
+        check_shapes(img, masks, valid)
         b = img.shape[0]
         feat_img = self.enc_img(img)
         sel, owner, weight = _gather_instances(masks, valid)
