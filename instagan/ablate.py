@@ -3,7 +3,7 @@
     python jobs/ablate.py --budget-cpu-min 60 --out /tmp/ablate
     report = run(out, budget_cpu_s=3600)          # the four recipes of RECIPES; -> the metrics.json dict
 
-Each recipe (a config file) trains in its own process (`instagan.local.train_local` in budget mode: the same
+Each recipe (a config file) trains in its own process (`instagan.loop.train_local` in budget mode: the same
 number of process CPU-seconds for every recipe, not the same steps) and saves a checkpoint after each
 1/`points` of its budget. Every checkpoint is then evaluated on the test split (`instagan.metrics.evaluate`:
 translation a->b and b->a, ins_max 20, ins_per 2) and the last one also with its floors (identity: output =
@@ -68,7 +68,7 @@ def ensure_data(root: str | Path, n: int = DATA["n"], size: int = DATA["size"], 
 def _train(name: str, cfg_dict: dict, folder: str, budget_cpu_s: float, points: int, threads: int) -> dict:
     """One recipe in a worker process. -> {"name", "cpu_s", "steps", "wall_s"}."""
     torch.set_num_threads(threads)
-    from instagan.local import train_local
+    from instagan.loop import train_local
 
     cfg = Config.from_dict(cfg_dict)
     t0 = time.perf_counter()

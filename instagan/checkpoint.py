@@ -1,9 +1,13 @@
-"""Full-state checkpoints: a directory with `state.pt` (state_dicts only) and `config.json`.
+"""Full-state checkpoints: a directory with `state.pt` (state_dicts only), `config.json` and `progress.json`.
 
-    save(state, "ckpt/")                      # networks, optimizers, schedulers, pools, step, epoch
-    state = restore("ckpt/")                  # a TrainState that takes the same next step
+    save(state, "ckpt/", progress)            # networks, optimizers, schedulers, pools, step, epoch
     cfg, payload = load("ckpt/")              # raw: torch.load(weights_only=True), no pickled code runs
+    state = TrainState.from_checkpoint("ckpt/")   # (instagan.train) a state that takes the same next step
     cfg = validate("ckpt/")                   # before Ray starts: readable, and the weights fit config.json
+
+A data-parallel run writes one checkpoint from every rank into the same directory: rank 0 the files above (its
+own history pools are in state.pt), every other rank r only `pools_rank<r>.pt`, its own pools, so a resumed run
+takes the same next step as an uninterrupted one (instagan.loop).
 
 Writes go to a temporary file first and are renamed into place, so a crash never leaves a torn `state.pt`.
 """
@@ -20,19 +24,44 @@ from instagan.config import Config
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
+# {"step", "epoch", "epoch_step": batches of the current epoch done, "world_size", "budget_cpu_s", "cpu_s", "wall_s"}
+PROGRESS_FILE = "progress.json"
+POOLS_FILE = "pools_rank{rank}.pt"  # history pools of rank r > 0
 FORMAT_VERSION = 1
 
 
-def save(state, directory: str | os.PathLike) -> Path:
-    """Write `state` (an instagan.train.TrainState) to `directory` (created if missing)."""
+def save(state, directory: str | os.PathLike, progress: dict | None = None, rank: int = 0) -> Path:
+    """Write rank `rank`'s part of `state` (an instagan.train.TrainState) to `directory` (created if missing)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if rank > 0:
+        torch.save({f"pool_{d}": p.state_dict() for d, p in state.pools.items()},
+                   directory / POOLS_FILE.format(rank=rank))
+        return directory
     payload = {"format_version": FORMAT_VERSION, **state.state_dict()}
     tmp = directory / (STATE_FILE + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(state.cfg.to_json())
+    if progress is not None:
+        (directory / PROGRESS_FILE).write_text(json.dumps(progress))
     return directory
+
+
+def progress(directory: str | os.PathLike) -> dict:
+    """The checkpoint's progress.json ({} when it has none; `loop.json` of older Ray Train checkpoints)."""
+    for name in (PROGRESS_FILE, "loop.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def rank_pools(directory: str | os.PathLike, rank: int, device: str | torch.device = "cpu") -> dict | None:
+    """Rank r's own history pools ({"pool_a", "pool_b"}) from `directory`; None when it has none (rank 0, whose
+    pools are in state.pt, or a run resumed with more ranks than it had)."""
+    path = Path(directory) / POOLS_FILE.format(rank=rank)
+    return torch.load(path, map_location=device, weights_only=True) if rank > 0 and path.exists() else None
 
 
 def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Config, dict]:
@@ -82,12 +111,3 @@ def validate(directory: str | os.PathLike, nets: tuple[str, ...] = ("G_ab", "G_b
                              + " ".join(details or [str(err)[:300]])) from None
     return cfg
 
-
-def restore(directory: str | os.PathLike, device: str | torch.device = "cpu", nets=None, rank: int = 0):
-    """A TrainState loaded from `directory`; `nets` as in TrainState.create (e.g. already DDP-wrapped)."""
-    from instagan.train import TrainState
-
-    cfg, payload = load(directory, device)
-    state = TrainState.create(cfg, device, nets=nets, rank=rank)
-    state.load_state_dict(payload)
-    return state

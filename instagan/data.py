@@ -301,6 +301,30 @@ def local_batches(root: str | Path, split: str, batch_size: int, size: int, load
                         prefetch_batches)
 
 
+def validation_batches(root: str, split: str, images: int, size: int, ins_max: int) -> tuple[dict, dict]:
+    """A fixed validation set: the first `images` rows per domain of root's `split` (files in name order; a local
+    folder or a URI), resized to size x size without crop or flip, each image's `ins_max` largest instances.
+    -> (batch_a, batch_b) on the CPU."""
+    import pyarrow.dataset
+    import pyarrow.fs
+
+    out = []
+    for d in DOMAINS:
+        where = f"{root.rstrip('/')}/{split}/{d}"
+        fs, base = (pyarrow.fs.FileSystem.from_uri(where) if "://" in where
+                    else (pyarrow.fs.LocalFileSystem(), str(Path(where).resolve())))
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        files = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+        if not files:
+            raise FileNotFoundError(f"validation needs a {split!r} split: no part-*.parquet in {where} (set "
+                                    f"run.val_split, or write a {split!r} split with data_prep)")
+        rows = pyarrow.dataset.dataset(files, filesystem=fs, format="parquet").head(images, columns=COLUMNS)
+        batch = M.collate([augment(*read_sample(row), size, size, False, train=False) for row in rows.to_pylist()])
+        batch["masks"], batch["valid"] = M.limit(batch["masks"], batch["valid"], ins_max)  # largest first
+        out.append(batch)
+    return out[0], out[1]
+
+
 # ---- Ray Data path -------------------------------------------------------------------------------------------
 
 def ray_datasets(root: str, split: str, materialize: bool = False) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def diagnose_checkpoint(ckpt: str | Path, batch_a: dict, batch_b: dict) -> dict:
 
 
 def diagnose_run(run: str | Path, data_root: str | Path, images: int = 16, split: str = "test") -> dict:
-    """diagnose_checkpoint at every checkpoint of a run folder (instagan.local layout) on the first `images` images
+    """diagnose_checkpoint at every checkpoint of a run folder (instagan.loop layout) on the first `images` images
     of `split`, plus the loss curves of metrics.jsonl. Writes <run>/diagnose.json and <run>/diagnose.png."""
     from instagan.metrics import load_split
 

@@ -1,4 +1,9 @@
-"""Host memory: give freed heap pages back to the operating system.
+"""Memory machinery of a training step: lean saved tensors, reflection padding that keeps nothing, heap trims.
+
+Autograd (`lean_saved_tensors`, `ReflectionPad2d`): see their docstrings; the networks use ReflectionPad2d and
+`instagan.train.train_step` runs its passes inside lean_saved_tensors() when `use_lean(cfg)`.
+
+Host memory: give freed heap pages back to the operating system.
 
 A CPU training step frees and re-allocates hundreds of MB of activations per pass. glibc keeps freed memory in
 its heap (resident) unless it sits at the very top, so the process's resident set creeps towards the sum of
@@ -10,13 +15,19 @@ allocated) and before the discriminator step, when the step runs lean (`use_lean
     from instagan.memory import release_free_heap, use_lean
     release_free_heap()   # True where glibc's malloc_trim exists (Linux/glibc); False elsewhere (a no-op)
     use_lean(cfg)         # train.memory: "lean", "plain", or "auto" (the rule below)
+    with lean_saved_tensors(): loss = ...   # forward passes keep less for backward, same gradients
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import threading
+
+import torch
+from torch import Tensor, nn
 
 
 @functools.cache
@@ -55,3 +66,88 @@ def use_lean(cfg) -> bool:
     if mode != "auto":
         return mode == "lean"
     return cfg.model.ngf * cfg.data.size ** 2 >= LEAN_FROM
+
+
+# ---- autograd: keep less for backward ----------------------------------------------------------------------
+
+_lean = threading.local()  # .on: inside lean_saved_tensors() on this thread
+
+
+def _reflect(x: Tensor, padding) -> Tensor:
+    """Reflection padding in x's own dtype, whatever autocast would choose."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.ops.aten.reflection_pad2d(x, list(padding))
+
+
+class _ReflectionPad(torch.autograd.Function):
+    """Reflection padding whose backward keeps no tensor (its gradient reads only the input's shape). Inside
+    `lean_saved_tensors()` its node also holds the input, so the padded output can be rebuilt from it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, padding: tuple[int, int, int, int]) -> Tensor:
+        ctx.in_shape, ctx.padding = x.shape, padding
+        ctx.source = x if getattr(_lean, "on", False) else None
+        return _reflect(x, padding)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        shape_only = grad.new_zeros(()).expand(ctx.in_shape)  # read for its sizes only; no memory
+        return torch.ops.aten.reflection_pad2d_backward(grad, shape_only, list(ctx.padding)), None
+
+
+class ReflectionPad2d(nn.ReflectionPad2d):
+    """nn.ReflectionPad2d with the same numbers forward and backward, lighter on memory in training.
+
+    - It pads in the input's own dtype. CPU autocast runs reflection padding in fp32: a bf16 activation is
+      upcast, the fp32 copy is kept for backward, and the next conv casts the padded result back to bf16 and
+      keeps that copy too.
+    - Its backward keeps no tensor (nn.ReflectionPad2d keeps its input, which only the shape is read from).
+    - Inside `lean_saved_tensors()`, the conv after it keeps the unpadded input (often kept anyway, by the ReLU
+      before) and pads it again in backward.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _ReflectionPad.apply(x, tuple(self.padding))
+        return _reflect(x, self.padding)
+
+
+def _pack_lean(t: Tensor):
+    fn = t.grad_fn
+    source = getattr(fn, "source", None)
+    if source is not None and isinstance(fn, _ReflectionPad._backward_cls):  # a padded activation
+        fn.source = None  # the graph node lives on after backward; only the packed copy may hold the input
+        return "pad", source, fn.padding, source._version
+    if type(fn).__name__ == "ToCopyBackward0" and fn.next_functions:  # a cast ...
+        param = getattr(fn.next_functions[0][0], "variable", None)  # ... of a leaf: a parameter
+        if param is not None and param.shape == t.shape and param.dtype != t.dtype:
+            return "cast", param, t.dtype, param._version
+    return t
+
+
+def _unpack_lean(packed):
+    if not isinstance(packed, tuple):
+        return packed
+    kind, source, arg, version = packed
+    if source._version != version:
+        raise RuntimeError(f"a tensor saved for backward as its {kind} source was modified in place since")
+    return _reflect(source, arg) if kind == "pad" else source.to(arg)
+
+
+@contextlib.contextmanager
+def lean_saved_tensors():
+    """Forward passes run inside this keep less for backward, with the same gradients:
+
+    - A low-precision copy of a parameter (what autocast makes for each conv) is kept as the parameter and cast
+      again in backward, instead of one more copy of the weights per pass (about 100 MB for a generator step's
+      translate-and-reconstruct pass; run autocast with cache_enabled=False so the copies go right away).
+    - A reflection-padded activation (ReflectionPad2d) is kept as its unpadded input and padded again.
+    Parameters must not change between a forward and its backward (true of any optimizer step after backward).
+    """
+    prev = getattr(_lean, "on", False)
+    _lean.on = True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack_lean, _unpack_lean):
+            yield
+    finally:
+        _lean.on = prev

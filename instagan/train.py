@@ -28,20 +28,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from instagan import checkpoint
 from instagan import losses as L
 from instagan import masks as M
 from instagan.config import Config
-from instagan.memory import release_free_heap, use_lean
-from instagan.networks import Segmenter, build_discriminator, build_generator, lean_saved_tensors
+from instagan.memory import lean_saved_tensors, release_free_heap, use_lean
+from instagan.networks import Segmenter, build_discriminator, build_generator, unwrap
 from instagan.pool import HistoryPool
 
 NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
 # and "S", the segmenter, when loss.lambda_seg > 0
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel (or similar) wrapper."""
-    return getattr(module, "module", module)
 
 
 def build_networks(cfg: Config) -> dict[str, nn.Module]:
@@ -100,6 +96,14 @@ class TrainState:
         opt_s = (torch.optim.Adam(nets["S"].parameters(), lr=t.lr_s, betas=(t.beta1, t.beta2), fused=True)
                  if "S" in nets else None)
         return cls(cfg, nets, opt_g, opt_d, sched_g, sched_d, pools, opt_s, device=device)
+
+    @classmethod
+    def from_checkpoint(cls, directory, device: str | torch.device = "cpu") -> "TrainState":
+        """The state saved in an instagan.checkpoint directory: it takes the same next step."""
+        cfg, payload = checkpoint.load(directory, device)
+        state = cls.create(cfg, device)
+        state.load_state_dict(payload)
+        return state
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -218,13 +222,111 @@ def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, 
     return {k: L.weighted_mean(v, active) for k, v in per.items()}, (fake_img, fake_masks)
 
 
-def _no_sync(modules: list[nn.Module]) -> contextlib.ExitStack:
-    """Enter `no_sync()` of every DDP-wrapped module: gradients accumulate locally until a backward outside it."""
-    stack = contextlib.ExitStack()
-    for m in modules:
-        if hasattr(m, "no_sync"):
-            stack.enter_context(m.no_sync())
-    return stack
+@contextlib.contextmanager
+def no_sync(modules: list[nn.Module]):
+    """Inside, DDP-wrapped modules accumulate gradients locally; the next backward outside all-reduces them."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            if hasattr(m, "no_sync"):
+                stack.enter_context(m.no_sync())
+        yield
+
+
+@dataclass
+class Precision:
+    """How a step's passes run: autocast (dtype or none), lean saved tensors and heap trims (instagan.memory)."""
+
+    autocast: torch.autocast
+    lean: bool  # lean_saved_tensors around every pass; discriminators in groups of `ins_per` masks per image
+    trim: bool  # release free heap pages before each chunk's peak (lean on the CPU)
+
+    @classmethod
+    def of(cls, cfg: Config, device: torch.device, amp_dtype: torch.dtype | None) -> "Precision":
+        # Lean: no autocast weight cache, which would keep a low-precision copy of every weight until the pass
+        # ends, while lean_saved_tensors lets each copy go as soon as its conv has run.
+        lean = use_lean(cfg)
+        autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not lean)
+        return cls(autocast, lean, lean and device.type == "cpu")
+
+    @contextlib.contextmanager
+    def passes(self):
+        with self.autocast, (lean_saved_tensors() if self.lean else contextlib.nullcontext()):
+            yield
+
+
+def _generator_pass(nets: dict[str, nn.Module], lam, k: str, kind: str, d: Direction, masks: Tensor,
+                    valid: Tensor, active: Tensor, S: nn.Module | None):
+    """One of a chunk's four generator passes: direction k ("ab" or "ba"), the identity pass or the translation
+    pass. -> (weighted loss, {metric key: term}, (y', b'_m) of a translation pass or None)."""
+    G, F = (nets["G_ab"], nets["G_ba"]) if k == "ab" else (nets["G_ba"], nets["G_ab"])
+    D = unwrap(nets["D_b"] if k == "ab" else nets["D_a"])
+    if kind == "idt":
+        idt = _identity_loss(F, d, masks, valid, active)
+        return lam.lambda_idt * idt, {f"loss/idt_{k[::-1]}": idt}, None
+    terms, out = _translation_losses(G, F, D, d, masks, valid, active, S)
+    loss = lam.lambda_gan * terms["gan"] + lam.lambda_cyc * terms["cyc"] + lam.lambda_ctx * terms["ctx"]
+    named = {f"loss/G_gan_{k}": terms["gan"], f"loss/cyc_{k[0]}": terms["cyc"], f"loss/ctx_{k}": terms["ctx"]}
+    if S is not None:
+        loss = loss + lam.lambda_seg * terms["seg"]
+        named[f"loss/seg_{k}"] = terms["seg"]
+    return loss, named, out
+
+
+def generator_step(state: TrainState, dirs: dict[str, Direction], chunk: dict[str, tuple[Tensor, Tensor]],
+                   active: dict[str, Tensor], prec: Precision, S: nn.Module | None = None):
+    """Both generators' step for one chunk, the discriminators frozen by construction (gradients flow into G's
+    parameters only). chunk[k]: this chunk's (masks, valid) of direction k; active[k]: (B,) images with an
+    instance in it. -> (total loss, metrics, {k: (y', b'_m)}), all detached.
+
+    Each of the four passes is back-propagated as soon as it is built, so at most one direction's
+    translate-and-reconstruct graph is alive; DDP all-reduces once, at the last backward."""
+    nets, lam = state.nets, state.cfg.loss
+    g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
+    passes = [("ab", "idt"), ("ab", "main"), ("ba", "idt"), ("ba", "main")]
+    total, metrics, outs = None, {}, {}
+
+    def run(k: str, kind: str) -> None:
+        nonlocal total
+        with prec.passes():
+            loss, terms, out = _generator_pass(nets, lam, k, kind, dirs[k], *chunk[k], active[k], S)
+        # Keep only detached values: a live graph output would hold the branch that backward(inputs=...) skips
+        # (D's spectral-norm weights) in memory for the rest of the step.
+        metrics.update({key: v.detach() for key, v in terms.items()})
+        if out is not None:
+            outs[k] = tuple(v.detach() for v in out)
+        loss.backward(inputs=g_params)
+        total = loss.detach() if total is None else total + loss.detach()
+
+    with no_sync([nets["G_ab"], nets["G_ba"]]):
+        for k, kind in passes[:-1]:
+            run(k, kind)
+    if prec.trim:  # the step's peak: a full pass with both generators' gradients allocated
+        release_free_heap()
+    run(*passes[-1])
+    state.opt_g.step()
+    state.opt_g.zero_grad(set_to_none=True)
+    metrics["loss/G"] = total
+    return total, metrics, outs
+
+
+def discriminator_step(state: TrainState, dirs: dict[str, Direction], active: dict[str, Tensor], prec: Precision,
+                       ins_per: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Both discriminators' step for one chunk: D_b judges real b against pooled fakes of G_ab (y' with every mask
+    translated so far), D_a likewise; one backward each. -> (D_a + D_b loss, metrics), detached.
+    Spectral-norm weights are computed once per D (cached), so checkpointed groups recompute exactly."""
+    metrics = {}
+    for k, name in (("ab", "D_b"), ("ba", "D_a")):
+        d, real = dirs[k], dirs[k[::-1]].real
+        fake = state.pools[name[-1]].query(d.x, torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), active[k])
+        with parametrize.cached():
+            with prec.passes():
+                loss = _discriminator_loss(state.nets[name], real, fake, active[k],
+                                           group=len(d.x) * ins_per if prec.lean else 0)
+            loss.backward()
+        metrics[f"loss/{name}"] = loss.detach()
+    state.opt_d.step()
+    state.opt_d.zero_grad(set_to_none=True)
+    return metrics["loss/D_a"] + metrics["loss/D_b"], metrics
 
 
 def _discriminator_loss(D: nn.Module, real: dict[str, Tensor], fake: tuple[Tensor, Tensor, Tensor],
@@ -247,8 +349,8 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     amp_dtype: autocast dtype (default: cfg.train.amp).
     Returns flat metrics averaged over chunks (`loss/G_gan_ab`, `loss/D_b`, ...).
     """
-    cfg, nets, dev = state.cfg, state.nets, state.device
-    t, lam = cfg.train, cfg.loss
+    cfg, dev = state.cfg, state.device
+    t = cfg.train
     if amp_dtype is None and t.amp == "bf16":
         amp_dtype = torch.bfloat16
     union = cfg.model.arch != "instagan"
@@ -257,89 +359,27 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     n_chunks = 1 if union else n_chunks or chunk_count(a, b, t.ins_max, t.ins_per)
     ins_per = 1 if union else t.ins_per
     dirs = {"ab": Direction(a, a["img"]), "ba": Direction(b, b["img"])}
-    g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
-    D_a, D_b = unwrap(nets["D_a"]), unwrap(nets["D_b"])
-    # Lean (instagan.memory.use_lean): no autocast weight cache, which would keep a low-precision copy of every
-    # weight until the pass ends, while lean_saved_tensors lets each copy go as soon as its conv has run.
-    lean = use_lean(cfg)
-    autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not lean)
-    saved = lean_saved_tensors if lean else contextlib.nullcontext
+    prec = Precision.of(cfg, dev, amp_dtype)
     sums: dict[str, Tensor] = {}
-    trim = lean and dev.type == "cpu"  # instagan.memory: before the last G pass and before the D step
-
-    S = unwrap(nets["S"]) if "S" in nets else None
+    S = unwrap(state.nets["S"]) if "S" in state.nets else None
     if S is not None:  # the segmenter learns from the real images first, then judges this step's translations
-        sums["loss/S"] = _segmenter_step(state, a, b, autocast)
+        sums["loss/S"] = _segmenter_step(state, a, b, prec.autocast) * n_chunks  # once per step, not per chunk
 
     for m in range(n_chunks):
-        ch = {k: M.chunk(d.real["masks"], d.real["valid"], m, ins_per) for k, d in dirs.items()}
-        active = {k: v.any(1) for k, (_, v) in ch.items()}
-        metrics: dict[str, Tensor] = {}
-        outs: dict[str, tuple[Tensor, Tensor]] = {}
-
-        # Generator step over both directions, with D frozen by construction (gradients flow into G's
-        # parameters only). Each independent graph is back-propagated as soon as it is built, so at most one
-        # direction's translate-and-reconstruct graph is alive; DDP all-reduces once, at the last backward.
-        passes = [("ab", "idt"), ("ab", "main"), ("ba", "idt"), ("ba", "main")]
-        sync = _no_sync([nets["G_ab"], nets["G_ba"]])
-        sync.__enter__()
-        for i, (k, kind) in enumerate(passes):
-            G, F, D = (nets["G_ab"], nets["G_ba"], D_b) if k == "ab" else (nets["G_ba"], nets["G_ab"], D_a)
-            if i == len(passes) - 1:
-                sync.close()
-                if trim:  # the step's peak: a full pass with both generators' gradients allocated
-                    release_free_heap()
-            with autocast, saved():
-                if kind == "idt":
-                    idt = _identity_loss(F, dirs[k], *ch[k], active[k])
-                    loss = lam.lambda_idt * idt
-                    terms = {f"loss/idt_{k[::-1]}": idt}
-                else:
-                    t_terms, outs[k] = _translation_losses(G, F, D, dirs[k], *ch[k], active[k], S)
-                    loss = (lam.lambda_gan * t_terms["gan"] + lam.lambda_cyc * t_terms["cyc"]
-                            + lam.lambda_ctx * t_terms["ctx"])
-                    terms = {f"loss/G_gan_{k}": t_terms["gan"], f"loss/cyc_{k[0]}": t_terms["cyc"],
-                             f"loss/ctx_{k}": t_terms["ctx"]}
-                    if S is not None:
-                        loss = loss + lam.lambda_seg * t_terms["seg"]
-                        terms[f"loss/seg_{k}"] = t_terms["seg"]
-            # Keep only detached values: a live graph output would hold the branch that backward(inputs=...)
-            # skips (D's spectral-norm weights) in memory for the rest of the step.
-            metrics.update({key: v.detach() for key, v in terms.items()})
-            loss.backward(inputs=g_params)
-            metrics["loss/G"] = metrics.get("loss/G", 0) + loss.detach()
-        state.opt_g.step()
-        state.opt_g.zero_grad(set_to_none=True)
-
-        # Hand-off: y'_m for images that had an instance in this chunk; the others keep their image.
-        for k, d in dirs.items():
-            keep = active[k][:, None, None, None]
-            d.x = torch.where(keep, outs[k][0].detach().to(d.x.dtype), d.x)
-            d.fake_masks.append(outs[k][1].detach().to(d.x.dtype))
-            d.fake_valid.append(ch[k][1])
-
-        if trim:
+        chunk = {k: M.chunk(d.real["masks"], d.real["valid"], m, ins_per) for k, d in dirs.items()}
+        active = {k: v.any(1) for k, (_, v) in chunk.items()}
+        _, metrics, outs = generator_step(state, dirs, chunk, active, prec, S)
+        for k, d in dirs.items():  # hand-off: y'_m where the image had an instance in this chunk, else the image
+            d.x = torch.where(active[k][:, None, None, None], outs[k][0].to(d.x.dtype), d.x)
+            d.fake_masks.append(outs[k][1].to(d.x.dtype))
+            d.fake_valid.append(chunk[k][1])
+        if prec.trim:
             release_free_heap()
-        # Discriminator step: D_b judges real b against pooled fakes of G_ab, D_a likewise (one backward each).
-        # Spectral-norm weights are computed once per D (cached) so checkpointed groups recompute exactly.
-        for k, name, real in (("ab", "D_b", b), ("ba", "D_a", a)):
-            d = dirs[k]
-            fake = state.pools[name[-1]].query(d.x, torch.cat(d.fake_masks, 1), torch.cat(d.fake_valid, 1), active[k])
-            with parametrize.cached():
-                with autocast, saved():
-                    loss_d = _discriminator_loss(nets[name], real, fake, active[k],
-                                                 group=len(d.x) * ins_per if lean else 0)
-                loss_d.backward()
-            metrics[f"loss/{name}"] = loss_d.detach()
-        state.opt_d.step()
-        state.opt_d.zero_grad(set_to_none=True)
-
+        metrics.update(discriminator_step(state, dirs, active, prec, ins_per)[1])
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0) + v.float()
 
     state.step += 1
-    if S is not None:
-        sums["loss/S"] = sums["loss/S"] * n_chunks  # once per step, not per chunk
     keys = sorted(sums)
     values = torch.stack([sums[k] for k in keys]).div(n_chunks).tolist()  # one host sync per step
     return {**dict(zip(keys, values)), "chunks": float(n_chunks)}

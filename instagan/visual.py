@@ -26,6 +26,7 @@ PALETTE = torch.tensor([  # distinct, saturated colours in [0, 1] (instance n ge
     (0.00, 0.80, 0.80), (0.95, 0.45, 0.10), (0.95, 0.40, 0.70), (0.55, 0.35, 0.15), (0.50, 0.50, 0.50),
 ])
 ALPHA = 0.5  # opacity of an instance's colour over the image
+VIS_ROWS = 4  # images per direction in a training run's sample grids
 
 
 def to_unit(img: Tensor) -> Tensor:
@@ -75,6 +76,14 @@ def translation_grid(G: nn.Module, F: nn.Module, batch: dict[str, Tensor], ins_m
         G.train(modes[0])
         F.train(modes[1])
     return rows_grid([(img, masks, valid), (fake.img, fake.masks, fake.valid), (rec.img, rec.masks, rec.valid)])
+
+
+def training_grids(nets: dict[str, nn.Module], batches: dict[str, dict[str, Tensor]], ins_max: int,
+                   ins_per: int) -> dict[str, Tensor]:
+    """A training run's sample grids: {"a": a -> b -> a of batches["a"], "b": b -> a -> b of batches["b"]}, the
+    first VIS_ROWS images each; nets: G_ab and G_ba (DDP-wrapped or not)."""
+    pairs = {"a": (nets["G_ab"], nets["G_ba"]), "b": (nets["G_ba"], nets["G_ab"])}
+    return {d: translation_grid(G, F, batches[d], ins_max, ins_per, VIS_ROWS) for d, (G, F) in pairs.items()}
 
 
 def stack_grids(grids: list[Tensor], gap: int = 4) -> Tensor:

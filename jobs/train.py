@@ -3,7 +3,7 @@
     python jobs/train.py                                   # embedded default: generated data, local Ray, 2 workers
     python jobs/train.py --config configs/coco_sheep2giraffe.yaml --set run.workers=8 --set run.use_gpu=true
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --config X.yaml
-    python jobs/train.py --local --config X.yaml          # one process, no Ray (instagan/local.py)
+    python jobs/train.py --local --config X.yaml          # one process, no Ray (instagan/loop.py)
 
 The config is a YAML or JSON file with the sections and keys of instagan/config.py (model, loss, train, data, run);
 keys left out take the defaults there (the paper's settings). Without --config the embedded default below is used
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images per domain generated when data.root is empty (default 600: 540 train, 60 test)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (no Ray)")
     p.add_argument("--local", action="store_true",
-                   help="train in this process without Ray (instagan.local: one process, no DDP, no resume)")
+                   help="train in this process without Ray (instagan.loop: the same loop in one process, no DDP)")
     return p.parse_args(argv)
 
 
@@ -207,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     write_text(f"{folder}/config.json", cfg.to_json() + "\n")
     print(f"[train] run folder: {folder}", flush=True)
     if args.local:
-        from instagan.local import train_local
+        from instagan.loop import train_local
 
-        last = train_local(cfg, folder)
+        try:  # a run folder with checkpoints continues from its latest, as a Ray run of the same name does
+            last = train_local(cfg, folder, resume=True)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"[train] done in {time.time() - LAUNCHED:.0f} s without Ray; checkpoint: {last}")
         test_report(cfg, str(last), folder)
         return 0

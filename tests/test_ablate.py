@@ -10,8 +10,9 @@ from PIL import Image
 from data_prep.synthetic import write_synthetic
 from instagan import ablate, checkpoint
 from instagan.config import Config
-from instagan.local import train_local
+from instagan.loop import train_local
 from instagan.metrics import evaluate
+from instagan.train import TrainState
 from jobs import ablate as ablate_job
 
 BUDGET_S = 150  # CPU-seconds of the short quality run
@@ -63,10 +64,10 @@ def test_local_run_stopped_part_way_resumes_like_an_uninterrupted_run(tmp_path):
                             "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "pool_size": 2, "epochs": 1,
                                       "epochs_decay": 2},
                             "run": {"max_steps": 7, "checkpoint_every": 100, "image_every": 0, "log_every": 1}})
-    whole = checkpoint.restore(train_local(cfg, tmp_path / "whole"))
+    whole = TrainState.from_checkpoint(train_local(cfg, tmp_path / "whole"))
     part = train_local(cfg.replace(**{"run.max_steps": 3}), tmp_path / "part")
     assert part.name.endswith("00000003")
-    resumed = checkpoint.restore(train_local(cfg, tmp_path / "part", resume=True))
+    resumed = TrainState.from_checkpoint(train_local(cfg, tmp_path / "part", resume=True))
     assert resumed.step == whole.step == 7 and resumed.epoch == whole.epoch == 1
     for k, net in whole.nets.items():
         for (name, p), q in zip(net.named_parameters(), resumed.nets[k].parameters()):

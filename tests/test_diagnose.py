@@ -10,7 +10,7 @@ from data_prep.synthetic import write_synthetic
 from instagan import checkpoint
 from instagan.config import Config
 from instagan.diagnose import diagnose_checkpoint, probe
-from instagan.local import train_local
+from instagan.loop import train_local
 from instagan.metrics import load_split
 from jobs import diagnose as diagnose_job
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import instagan.networks as N
+import instagan.memory as MEM
 import instagan.train as T
 from instagan import checkpoint
 from instagan import masks as M
@@ -101,7 +101,7 @@ def test_resume_takes_the_same_next_step(tmp_path, recipe):
     m_cont2 = T.train_step(state, *batches(4))
     cont = _params(state)
 
-    resumed = checkpoint.restore(tmp_path / "ckpt")
+    resumed = T.TrainState.from_checkpoint(tmp_path / "ckpt")
     assert resumed.step == 3 and resumed.epoch == 1
     assert resumed.lr()["lr/G"] == pytest.approx(0.75 * cfg.train.lr_g)  # the scheduler's state came back
     m_res = T.train_step(resumed, *batches(3))
@@ -185,7 +185,7 @@ class SavedBytes:
 
 def _activation_peak(ins: int, monkeypatch) -> int:
     """Peak bytes kept for backward in one train_step, counted through the step's own saved-tensor hooks
-    (instagan.networks.lean_saved_tensors): what they keep instead of a tensor (a padded activation's source)
+    (instagan.memory.lean_saved_tensors): what they keep instead of a tensor (a padded activation's source)
     counts; a reference to a parameter does not."""
     cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1}, "data": {"size": 64, "load_size": 64},
                             "train": {"ins_max": ins, "ins_per": 2, "memory": "lean"}})
@@ -193,7 +193,7 @@ def _activation_peak(ins: int, monkeypatch) -> int:
     g = torch.Generator().manual_seed(0)
     a, b = make_inputs(1, ins, 64, g), make_inputs(1, ins, 64, g)
     tracker = SavedBytes()
-    pack, unpack = N._pack_lean, N._unpack_lean
+    pack, unpack = MEM._pack_lean, MEM._unpack_lean
 
     def counted_pack(t):
         packed = pack(t)
@@ -206,8 +206,8 @@ def _activation_peak(ins: int, monkeypatch) -> int:
         return unpack(item[2] if isinstance(item, tuple) and item[0] == "counted" else item)
 
     with monkeypatch.context() as mp:
-        mp.setattr(N, "_pack_lean", counted_pack)
-        mp.setattr(N, "_unpack_lean", counted_unpack)
+        mp.setattr(MEM, "_pack_lean", counted_pack)
+        mp.setattr(MEM, "_unpack_lean", counted_unpack)
         T.train_step(state, a, b)
     return tracker.peak
 

@@ -143,7 +143,7 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
     assert "[train] checkpoint:" in logs and "[train] TensorBoard:" in logs
     (ckpt,) = run_dir.glob("checkpoint_step*")  # num_to_keep 1
     assert ckpt.name.startswith("checkpoint_step00000004_")
-    assert {"state.pt", "config.json", "loop.json", "pools_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert {"state.pt", "config.json", "progress.json", "pools_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
     resolved = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     assert resolved.data.root == str(run_dir / "data") and resolved.run.storage_path == str(storage)
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]

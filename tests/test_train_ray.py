@@ -18,6 +18,7 @@ import torch
 from data_prep.synthetic import write_synthetic
 from instagan import checkpoint, visual
 from instagan import distributed as D
+from instagan import loop
 from instagan.config import Config
 from instagan.synthetic import make_batch
 from instagan.train import TrainState, build_networks, chunk_count, unwrap
@@ -32,6 +33,11 @@ TINY = {
 }
 FIT_TIMEOUT_S = 300  # a hang (ranks disagreeing on collectives) fails the test instead of blocking the session
 FAIL_AT = 4  # the step after which rank 1 dies once (a checkpoint was reported at step 3)
+
+
+def params_vector(state: TrainState) -> torch.Tensor:
+    """Every parameter of the four networks as one CPU vector (for comparing ranks)."""
+    return torch.cat([p.detach().flatten().cpu() for net in state.nets.values() for p in net.parameters()])
 
 
 def tiny(tmp_path: Path, name: str, **dotted) -> Config:
@@ -94,10 +100,10 @@ def _uneven_loop(config: dict) -> None:
         a = make_batch("a", 2, 32, ins=ins, start=2 * i)
         b = make_batch("b", 2, 32, ins=ins, start=2 * i + 100)
         own.append(chunk_count(a, b, cfg.train.ins_max, cfg.train.ins_per))
-        metrics, _ = D.step(state, a, b)
+        metrics, _ = loop.step(state, a, b)
         chunks.append(metrics["chunks"])
     sd = {f"{k}.{n}": v.detach().cpu() for k, net in state.nets.items() for n, v in unwrap(net).state_dict().items()}
-    torch.save({"params": D.params_vector(state), "state": sd, "chunks": chunks, "own": own, "step": state.step},
+    torch.save({"params": params_vector(state), "state": sd, "chunks": chunks, "own": own, "step": state.step},
                f"{config['out']}/rank{rank}.pt")
     ray.train.report({"step": state.step})
 
@@ -113,7 +119,7 @@ def test_one_vs_six_instances_two_workers_stay_identical(ray_local, tmp_path):
     assert torch.equal(r0["params"], r1["params"])
     for k in r0["state"]:  # buffers too (spectral-norm vectors)
         assert torch.equal(r0["state"][k], r1["state"][k]), k
-    assert not torch.equal(r0["params"], D.params_vector(TrainState.create(cfg)))  # training moved them
+    assert not torch.equal(r0["params"], params_vector(TrainState.create(cfg)))  # training moved them
 
 
 # ---- a worker dies mid-run: FailureConfig restarts from the last checkpoint ------------------------------------
