@@ -183,11 +183,7 @@ class Translator:
             m = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)).float().mul(2).sub(1)
             samples.append(_to_shape(torch.cat([x, m]), shape, native).split([3, len(masks)]))
         # Padded in input slot order (M.collate would sort by area, and results map back by slot).
-        n = max(1, max(len(m) for _, m in samples))
-        masks_b = torch.full((len(samples), n, *shape), -1.0)
-        valid_b = torch.zeros(len(samples), n, dtype=torch.bool)
-        for j, (_, m) in enumerate(samples):
-            masks_b[j, :len(m)], valid_b[j, :len(m)] = m, True
+        masks_b, valid_b = M.pad_sets([m for _, m in samples])
         out = self.translate(torch.stack([x for x, _ in samples]), masks_b, valid_b)
         results = []
         for j, (img, masks) in enumerate(items):

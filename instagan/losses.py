@@ -7,7 +7,6 @@ image with no instance left in a chunk) and apply the loss weights in one place.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -84,15 +84,22 @@ def context_weight(masks: Tensor, valid: Tensor, out_masks: Tensor, out_valid: T
     return 1 - union(torch.cat([masks, out_masks], 1), torch.cat([valid, out_valid], 1))
 
 
+def pad_sets(sets: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Mask sets of different sizes [(K_i, H, W)] -> (B, N, H, W) masks, (B, N) valid: each set in its own order,
+    padded to N = max(1, max K_i) with invalid empty (-1) slots; on the sets' device and dtype."""
+    n = max(1, max(m.shape[0] for m in sets))
+    first = sets[0]
+    masks = first.new_full((len(sets), n, *first.shape[-2:]), -1.0)
+    valid = torch.zeros(len(sets), n, dtype=torch.bool, device=first.device)
+    for i, m in enumerate(sets):
+        masks[i, :m.shape[0]] = m
+        valid[i, :m.shape[0]] = True
+    return masks, valid
+
+
 def collate(samples: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Stack (image, masks) samples with different instance counts: pad to the largest count with invalid empty
     slots and order each image's instances by decreasing area. -> {"img", "masks", "valid"}."""
-    n = max(1, max(m.shape[0] for _, m in samples))
-    h, w = samples[0][0].shape[-2:]
-    masks = torch.full((len(samples), n, h, w), -1.0)
-    valid = torch.zeros(len(samples), n, dtype=torch.bool)
-    for i, (_, m) in enumerate(samples):
-        masks[i, :m.shape[0]] = m
-        valid[i, :m.shape[0]] = True
+    masks, valid = pad_sets([m.float() for _, m in samples])
     masks, valid, _ = sort_by_area(masks, valid)
     return {"img": torch.stack([x for x, _ in samples]), "masks": masks, "valid": valid}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from instagan import masks as M
+
 
 class HistoryPool:
     def __init__(self, size: int = 50, seed: int = 0):
@@ -39,14 +41,7 @@ class HistoryPool:
                     self.images[j], self.masks[j] = sample[0].clone(), sample[1].clone()
                     sample = old
             out.append(sample)
-        n = max(1, max(m.shape[0] for _, m in out))
-        h, w = img.shape[-2:]
-        out_masks = masks.new_full((len(out), n, h, w), -1.0)
-        out_valid = torch.zeros(len(out), n, dtype=torch.bool, device=img.device)
-        for i, (_, m) in enumerate(out):
-            out_masks[i, :m.shape[0]] = m
-            out_valid[i, :m.shape[0]] = True
-        return torch.stack([x for x, _ in out]), out_masks, out_valid
+        return torch.stack([x for x, _ in out]), *M.pad_sets([m for _, m in out])
 
     def state_dict(self) -> dict:
         return {"size": self.size, "images": [x.cpu() for x in self.images], "masks": [m.cpu() for m in self.masks],

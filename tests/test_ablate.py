@@ -8,11 +8,10 @@ import torch
 from PIL import Image
 
 from data_prep.synthetic import write_synthetic
-from instagan import ablate, checkpoint
+from instagan import ablate
 from instagan.config import Config
 from instagan.loop import train_local
 from instagan.metrics import evaluate
-from instagan.train import TrainState
 from jobs import ablate as ablate_job
 
 BUDGET_S = 150  # CPU-seconds of the short quality run
@@ -54,27 +53,6 @@ def test_harness_trains_each_recipe_for_the_same_cpu_budget_and_writes_its_repor
     # A second run with the same --out reuses what was trained for this budget.
     assert ablate_job.main(argv) == 0
     assert "already trained" in capsys.readouterr().out
-
-
-def test_local_run_stopped_part_way_resumes_like_an_uninterrupted_run(tmp_path):
-    """train_local(resume=True) continues from the latest checkpoint, mid-epoch: same weights as one run."""
-    write_synthetic(tmp_path / "data", n=12, size=32, test_fraction=0.25)  # 9 training images: 5 batches of 2
-    cfg = Config.from_dict({"model": {"ngf": 8, "ndf": 8, "n_blocks": 1, "composite": True, "paint": "residual"},
-                            "data": {"root": str(tmp_path / "data"), "size": 32, "load_size": 36},
-                            "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "pool_size": 2, "epochs": 1,
-                                      "epochs_decay": 2},
-                            "run": {"max_steps": 7, "checkpoint_every": 100, "image_every": 0, "log_every": 1}})
-    whole = TrainState.from_checkpoint(train_local(cfg, tmp_path / "whole"))
-    part = train_local(cfg.replace(**{"run.max_steps": 3}), tmp_path / "part")
-    assert part.name.endswith("00000003")
-    resumed = TrainState.from_checkpoint(train_local(cfg, tmp_path / "part", resume=True))
-    assert resumed.step == whole.step == 7 and resumed.epoch == whole.epoch == 1
-    for k, net in whole.nets.items():
-        for (name, p), q in zip(net.named_parameters(), resumed.nets[k].parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"{k}.{name}")
-    # Another model in the same folder is refused, not silently mixed.
-    with pytest.raises(ValueError, match="model config"):
-        train_local(cfg.replace(**{"model.ngf": 4}), tmp_path / "part", resume=True)
 
 
 @pytest.mark.slow
