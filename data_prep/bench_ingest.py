@@ -49,7 +49,8 @@ def run_epochs(shard_a, shard_b, cfg: dict) -> list[dict]:
     """Consume cfg['epochs'] epochs; per epoch: seconds, pairs, samples/s (a and b samples both count)."""
     import random
 
-    from instagan.data import _shard_rows, batch_pairs, iter_pairs, local_batches, pair_rows
+    from instagan.data import batch_pairs, local_batches, pair_rows
+    from instagan.distributed.data import _shard_rows, iter_pairs
 
     out = []
     for epoch in range(cfg["epochs"]):
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             os.environ.setdefault(k, v)
         import ray
 
-        from instagan.data import ray_datasets
+        from instagan.distributed.data import ray_datasets
 
         ray.init(num_cpus=args.num_cpus, log_to_driver=False, include_dashboard=False)
         ds = ray_datasets(args.root, args.split, materialize=args.materialize)

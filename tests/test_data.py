@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data_prep.synthetic import write_synthetic
-from instagan.data import (LocalDataset, augment, iter_pairs, local_batches, pair_rows, prefetch, ray_datasets,
-                           read_sample, sample_generator)
+from instagan.data import LocalDataset, augment, local_batches, pair_rows, prefetch, read_sample, sample_generator
+from instagan.distributed.data import iter_pairs, ray_datasets
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from instagan.config import Config  # noqa: E402
+from instagan.distributed import launch  # noqa: E402
 from jobs import train as job  # noqa: E402
 
 TINY_JOB = {  # a job that starts and ends quickly: width 4 networks on 32x32 images, 4 steps
@@ -98,7 +99,7 @@ def test_file_then_shortcuts_then_set(tmp_path, capsys):
 
 def test_embedded_default_is_configs_tiny_synthetic(capsys):
     from_file = Config.from_dict(yaml.safe_load((ROOT / "configs" / "tiny_synthetic.yaml").read_text()))
-    assert Config.from_dict(job.DEFAULT) == from_file
+    assert Config.from_dict(launch.DEFAULT) == from_file
     assert job.main(["--print-config"]) == 0
     resolved = Config.from_dict(json.loads(capsys.readouterr().out))
     assert resolved.run.storage_path == str(Path("~/ray_results").expanduser())  # Ray's default, made explicit

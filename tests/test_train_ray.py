@@ -17,7 +17,8 @@ import torch
 
 from data_prep.synthetic import write_synthetic
 from instagan import checkpoint
-from instagan import distributed as D
+from instagan.distributed import launch
+from instagan.distributed import train as D
 from instagan import loop
 from instagan.config import Config
 from instagan.synthetic import make_batch
@@ -56,19 +57,9 @@ def synth(tmp_path_factory):
 
 
 def fit(loop, cfg: Config, datasets: dict | None = None, extra: dict | None = None):
-    """TorchTrainer(loop).fit() as jobs/train.py builds it, failing the test if it does not end in time."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    r = cfg.run
-    trainer = TorchTrainer(
-        loop, train_loop_config={**cfg.to_dict(), **(extra or {})}, datasets=datasets,
-        dataset_config=D.data_config(),
-        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=False,
-                                     resources_per_worker={"CPU": r.cpus_per_worker}),
-        run_config=RunConfig(name=r.name, storage_path=r.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
-                             failure_config=FailureConfig(max_failures=r.max_failures)))
+    """The job's TorchTrainer (instagan.distributed.launch.build_trainer) running `loop`, failing the test if
+    fit() does not end in time."""
+    trainer = launch.build_trainer(cfg, loop=loop, loop_config=extra, datasets=datasets)
     out: dict = {}
 
     def target():

@@ -11,17 +11,13 @@ falls below the first's value at that rung and is stopped there, while the first
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from jobs import tune as job  # noqa: E402
+from instagan.distributed import sweep
+from jobs import tune as job
 
 MAX_STEPS = 6
 SWEEP = {
@@ -46,13 +42,12 @@ def write_config(tmp_path: Path, values: dict) -> Path:
 def test_search_flags_and_files_merge(tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text("loss.lambda_idt: {uniform: [0, 5]}\ntrain.lr_g: {loguniform: [1.0e-5, 1.0e-3]}\n")
-    args = job.parse_args(["--config", str(write_config(tmp_path, SWEEP)), "--space", str(space_file),
-                           "--search", "train.lr_d=choice:1e-4,2e-4", "--set", "run.val_every=3"])
-    cfg, space = job.load_sweep(args)
+    cfg, space = sweep.load_sweep(write_config(tmp_path, SWEEP), space_file, ["train.lr_d=choice:1e-4,2e-4"], {},
+                                  ["run.val_every=3"])
     assert space == {"train.lr_g": {"loguniform": [1e-5, 1e-3]}, "loss.lambda_ctx": {"choice": [10.0]},
                      "loss.lambda_idt": {"uniform": [0, 5]}, "train.lr_d": {"choice": [1e-4, 2e-4]}}
     assert cfg.run.val_every == 3 and Path(cfg.run.storage_path).is_absolute()
-    opts = job.sweep_options(args, cfg)
+    opts = sweep.sweep_options(cfg)
     assert (opts["grace_period"], opts["max_t"], opts["metric"], opts["mode"]) == (3, MAX_STEPS, "val/score", "max")
 
 
@@ -81,7 +76,7 @@ def test_sweep_needs_validation_and_steps(tmp_path, capsys):
 
 
 def test_default_config_parses():
-    cfg, space = job.load_sweep(job.parse_args([]))
+    cfg, space = sweep.load_sweep(job.DEFAULT_CONFIG, None, [], {}, [])
     assert {"loss.lambda_cyc", "loss.lambda_idt", "loss.lambda_ctx", "train.lr_g", "train.lr_d"} == set(space)
     assert cfg.run.val_every > 0 and cfg.run.max_steps > 0
 

@@ -33,7 +33,7 @@ import ray.train
 import ray.train.torch
 
 from instagan.config import Config
-from instagan.data import iter_pairs, ray_datasets
+from instagan.distributed.data import iter_pairs, ray_datasets
 from instagan.loop import Host, train
 from instagan.train import TrainState, build_networks
 
