@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_util
 
-from data_prep.rows import BadInput, Options, Result, UsageError, load_image, make_row, quarantine_row
+from data_prep.rows import BadInput, Options, Result, UsageError, make_row, quarantine_row
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -160,10 +160,8 @@ def ann_to_mask(ann: dict, h: int, w: int) -> np.ndarray:
 def convert(task: tuple, opts: Options) -> Result:
     iid, path, jh, jw, split, by_dom, names, include_crowd = task
     res = Result()
-    try:
-        pic = load_image(Path(path))
-    except BadInput as e:
-        res.bad(iid, path, e.reason, e.detail)
+    pic = res.image(iid, path)
+    if pic is None:
         return res
     h, w = pic.size
     if (jh, jw) != (None, None) and (jh, jw) != (h, w):

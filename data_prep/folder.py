@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.rows import BadInput, Options, Result, UsageError, load_image, make_row, quarantine_row
+from data_prep.rows import BadInput, Options, Result, UsageError, make_row, quarantine_row
 
 PAIR = re.compile(r"^(?P<phase>.+)(?P<dom>[AB])$")
 MASK = re.compile(r"^(?P<id>.+)_(?P<k>\d+)$")
@@ -105,10 +105,8 @@ def load_mask(path: Path, threshold: int) -> np.ndarray:
 def convert(task: tuple, opts: Options) -> Result:
     iid, path, mask_paths, split, domain, category, threshold = task
     res = Result()
-    try:
-        pic = load_image(Path(path))
-    except BadInput as e:
-        res.bad(iid, path, e.reason, e.detail)
+    pic = res.image(iid, path)
+    if pic is None:
         return res
     masks = []
     for mp in mask_paths:

@@ -80,6 +80,14 @@ class Result:
     def bad(self, id: str, source: str, reason: str, detail: str = "", kind: str = "image") -> None:
         self.quarantine.append(quarantine_row(id, source, reason, detail, kind))
 
+    def image(self, id: str, path: str | Path) -> "Picture | None":
+        """The decoded image at `path`, or None with the reason quarantined (missing or unreadable file)."""
+        try:
+            return load_image(Path(path))
+        except BadInput as e:
+            self.bad(id, str(path), e.reason, e.detail)
+            return None
+
 
 def quarantine_row(id: str, source: str, reason: str, detail: str = "", kind: str = "image") -> dict:
     """One line of quarantine.jsonl. kind: image (the whole row is skipped), instance (one mask), file, label."""

@@ -129,10 +129,43 @@ def run(out: str | Path, budget_cpu_s: float, recipes: dict[str, Config] | None 
     cfgs = {name: cfg.replace(**{"data.root": str(data_root), "data.split": "train", "run.name": name,
                                  "run.image_every": 0})
             for name, cfg in recipes.items()}
-    ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
     log(f"[ablate] {len(cfgs)} recipes x {budget_cpu_s / 60:.1f} CPU-min, {parallel} at a time with {threads} "
         f"thread(s) each, data {data_root}, out {out}")
+    curves, floor_rows = _train_and_evaluate(cfgs, out, data_root, budget_cpu_s, points, threads, parallel,
+                                             classifier, log)
+    for c in curves.values():
+        c.sort(key=lambda p: p["cpu_s"])
+    final = {name: c[-1] for name, c in curves.items() if c}
+    names = list(cfgs)
+    report = {
+        "budget_cpu_s": budget_cpu_s, "data_root": str(data_root), "threads": threads, "parallel": parallel,
+        "wall_s": time.perf_counter() - t0, "recipes": names,
+        "configs": {name: cfg.to_dict() for name, cfg in cfgs.items()},
+        "final": {name: {"cpu_s": p["cpu_s"], "step": p["step"], "a2b": p["a2b"], "b2a": p["b2a"]}
+                  for name, p in final.items()},
+        "floors": {"identity": next(iter(floor_rows.values()))["identity"] if floor_rows else None,
+                   "untrained": {name: f["untrained"] for name, f in floor_rows.items()}},
+        # real target-domain test images measured as they are: what a translator whose output looks like the
+        # target domain scores (occluded instances do not read as their shape; metrics.evaluate)
+        "ceiling": next(iter(floor_rows.values())).get("real_target") if floor_rows else None,
+        "real": next((f["real"] for f in floor_rows.values() if "real" in f), None),
+        "curves": curves,
+    }
+    report["targets"] = check_targets(report["final"], names)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    plot_curves(report, out / "curves.png")
+    comparison_grid(report, data_root, out / "grid.png", grid_rows)
+    log(table(report))
+    log(f"[ablate] wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'grid.png'}")
+    return report
+
+
+def _train_and_evaluate(cfgs: dict[str, Config], out: Path, data_root: Path, budget_cpu_s: float, points: int,
+                        threads: int, parallel: int, classifier: str | None, log) -> tuple[dict, dict]:
+    """Train the recipes not trained yet, `parallel` processes at once, then evaluate every checkpoint.
+    -> ({name: [curve point]}, {name: floor rows of its last checkpoint})."""
+    ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
         jobs = {}
         for name, cfg in cfgs.items():
@@ -159,31 +192,7 @@ def run(out: str | Path, budget_cpu_s: float, recipes: dict[str, Config] | None 
             curves[name].append({**res, **rows["model"]})
             if "identity" in rows:
                 floor_rows[name] = {k: v for k, v in rows.items() if k != "model"}
-    for c in curves.values():
-        c.sort(key=lambda p: p["cpu_s"])
-    final = {name: c[-1] for name, c in curves.items() if c}
-    names = list(cfgs)
-    report = {
-        "budget_cpu_s": budget_cpu_s, "data_root": str(data_root), "threads": threads, "parallel": parallel,
-        "wall_s": time.perf_counter() - t0, "recipes": names,
-        "configs": {name: cfg.to_dict() for name, cfg in cfgs.items()},
-        "final": {name: {"cpu_s": p["cpu_s"], "step": p["step"], "a2b": p["a2b"], "b2a": p["b2a"]}
-                  for name, p in final.items()},
-        "floors": {"identity": next(iter(floor_rows.values()))["identity"] if floor_rows else None,
-                   "untrained": {name: f["untrained"] for name, f in floor_rows.items()}},
-        # real target-domain test images measured as they are: what a translator whose output looks like the
-        # target domain scores (occluded instances do not read as their shape; metrics.evaluate)
-        "ceiling": next(iter(floor_rows.values())).get("real_target") if floor_rows else None,
-        "real": next((f["real"] for f in floor_rows.values() if "real" in f), None),
-        "curves": curves,
-    }
-    report["targets"] = check_targets(report["final"], names)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    plot_curves(report, out / "curves.png")
-    comparison_grid(report, data_root, out / "grid.png", grid_rows)
-    log(table(report))
-    log(f"[ablate] wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'grid.png'}")
-    return report
+    return curves, floor_rows
 
 
 def table(report: dict) -> str:

@@ -22,10 +22,9 @@ import time
 
 import torch
 
-from instagan.config import Config
+from instagan.config import AMP, Config, amp_dtype
 from instagan.train import TrainState, train_step
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_inputs(batch: int, ins: int, size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [(make_inputs(args.batch, args.ins, args.size, gen), make_inputs(args.batch, args.ins, args.size, gen))
                for _ in range(2)]
-    amp = AMP[args.amp]
+    amp = amp_dtype(args.amp)
 
     def step(i: int) -> dict:
         return train_step(state, *batches[i % 2], amp_dtype=amp)
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype")
+    p.add_argument("--amp", choices=AMP, default="none", help="autocast dtype")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--memory", choices=("auto", "lean", "plain"), default="auto",
                    help="train.memory: the step's memory machinery (auto: lean for paper-size steps)")

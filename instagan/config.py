@@ -16,6 +16,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+AMP = ("none", "bf16", "fp16")  # autocast choices of --amp (train.amp takes "none" or "bf16")
+
+
+def amp_dtype(name: str):
+    """The torch autocast dtype of an --amp or train.amp value (None for "none"); ValueError for others."""
+    import torch
+
+    if name not in AMP:
+        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {name!r}")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ValueError naming the key, the choices and the value, unless value is one of the choices."""
+    if value not in choices:
+        names = [repr(c) for c in choices]
+        raise ValueError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -35,12 +53,9 @@ class ModelConfig:
     d_img_head: bool = False  # D has a second head judging the image alone
 
     def __post_init__(self) -> None:
-        if self.arch not in ("instagan", "cyclegan", "cyclegan_seg"):
-            raise ValueError(f"model.arch must be 'instagan', 'cyclegan' or 'cyclegan_seg', got {self.arch!r}")
-        if self.upsample not in ("deconv", "resize"):
-            raise ValueError(f"model.upsample must be 'deconv' or 'resize', got {self.upsample!r}")
-        if self.paint not in ("direct", "residual", "gated"):
-            raise ValueError(f"model.paint must be 'direct', 'residual' or 'gated', got {self.paint!r}")
+        _one_of("model.arch", self.arch, ("instagan", "cyclegan", "cyclegan_seg"))
+        _one_of("model.upsample", self.upsample, ("deconv", "resize"))
+        _one_of("model.paint", self.paint, ("direct", "residual", "gated"))
 
 
 @dataclass(frozen=True)
@@ -78,10 +93,8 @@ class TrainConfig:
     memory: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.amp not in ("none", "bf16"):
-            raise ValueError(f"train.amp must be 'none' or 'bf16', got {self.amp!r}")
-        if self.memory not in ("auto", "lean", "plain"):
-            raise ValueError(f"train.memory must be 'auto', 'lean' or 'plain', got {self.memory!r}")
+        _one_of("train.amp", self.amp, ("none", "bf16"))
+        _one_of("train.memory", self.memory, ("auto", "lean", "plain"))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from instagan import checkpoint
 from instagan import losses as L
@@ -189,27 +189,33 @@ def probe(data_root: str | Path, cfg, steps: int = 300, every: int = 50, images:
             step += 1
             if step % every == 0:
                 out["step"].append(step)
-                with torch.no_grad():
-                    for net in (D_img, D_box):
-                        net.eval()
-                    ta, tb = test["a"], test["b"]
-                    sa = D_img(ta["img"], ta["masks"], torch.zeros_like(ta["valid"])).flatten(1).mean(1)
-                    sb = D_img(tb["img"], tb["masks"], torch.zeros_like(tb["valid"])).flatten(1).mean(1)
-                    out["d_image_acc"].append(float(((sb > 0.5).float().mean() + (sa < 0.5).float().mean()) / 2))
-                    out["d_image_gap"].append(float(sb.mean() - sa.mean()))
-                    ba = D_box(ta["img"], _boxes(ta["masks"]), ta["valid"]).flatten(1).mean(1)
-                    bb = D_box(tb["img"], tb["masks"], tb["valid"]).flatten(1).mean(1)
-                    out["d_boxes_acc"].append(float(((bb > 0.5).float().mean() + (ba < 0.5).float().mean()) / 2))
-                    for net in (D_img, D_box):
-                        net.train()
-                    img = torch.cat([ta["img"], tb["img"]])
-                    truth = torch.cat([M.union(ta["masks"], ta["valid"]), M.union(tb["masks"], tb["valid"])]) > 0.5
-                    pred = S(img) > 0
-                    out["seg_iou"].append(float((pred & truth).sum() / (pred | truth).sum().clamp(min=1)))
+                for k, v in _probe_scores(D_img, D_box, S, test).items():
+                    out[k].append(v)
             if step >= steps:
                 break
         epoch += 1
     return out
+
+
+@torch.no_grad()
+def _probe_scores(D_img: nn.Module, D_box: nn.Module, S: nn.Module, test: dict) -> dict[str, float]:
+    """probe's held-out scores: D's accuracy and score gap on images alone, on boxes drawn as masks, S's IoU."""
+    for net in (D_img, D_box):
+        net.eval()
+    ta, tb = test["a"], test["b"]
+    sa = D_img(ta["img"], ta["masks"], torch.zeros_like(ta["valid"])).flatten(1).mean(1)
+    sb = D_img(tb["img"], tb["masks"], torch.zeros_like(tb["valid"])).flatten(1).mean(1)
+    ba = D_box(ta["img"], _boxes(ta["masks"]), ta["valid"]).flatten(1).mean(1)
+    bb = D_box(tb["img"], tb["masks"], tb["valid"]).flatten(1).mean(1)
+    for net in (D_img, D_box):
+        net.train()
+    img = torch.cat([ta["img"], tb["img"]])
+    truth = torch.cat([M.union(ta["masks"], ta["valid"]), M.union(tb["masks"], tb["valid"])]) > 0.5
+    pred = S(img) > 0
+    return {"d_image_acc": float(((sb > 0.5).float().mean() + (sa < 0.5).float().mean()) / 2),
+            "d_image_gap": float(sb.mean() - sa.mean()),
+            "d_boxes_acc": float(((bb > 0.5).float().mean() + (ba < 0.5).float().mean()) / 2),
+            "seg_iou": float((pred & truth).sum() / (pred | truth).sum().clamp(min=1))}
 
 
 def _boxes(masks: Tensor) -> Tensor:

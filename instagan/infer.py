@@ -175,6 +175,23 @@ class Translator:
                     results[i] = res
         return results  # type: ignore[return-value]
 
+    def translate_each(self, items: list[tuple[np.ndarray, np.ndarray]], size: int | None = None,
+                       batch_size: int = 8) -> list[ArrayTranslation | Exception]:
+        """translate_arrays, but an item that fails does not fail the others: if the batched call raises, each
+        item is translated alone and a failing item's exception is returned as its result."""
+        try:
+            return list(self.translate_arrays(items, size=size, batch_size=batch_size))
+        except Exception as e:
+            if len(items) == 1:
+                return [e]
+        out: list[ArrayTranslation | Exception] = []
+        for item in items:
+            try:
+                out.append(self.translate_arrays([item], size=size, batch_size=1)[0])
+            except Exception as e:
+                out.append(e)
+        return out
+
     def _translate_group(self, items: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int],
                          native: bool) -> list[ArrayTranslation]:
         samples = []

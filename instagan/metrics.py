@@ -366,8 +366,7 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
     untrained generators of the same config, seeded by its train.seed), and score them; the classifier's accuracy
     on the real images is the "real" row. -> (report dict, grid (3, H', W') in [0, 1]: per direction, input |
     input + masks | translated | translated + masks for the first `grid_rows` images, a2b above b2a, labelled and
-    shown at 128 px or more). floors=False:
-    the model row only (the floors do not change along a run)."""
+    shown at 128 px or more). floors=False: the model row only (the floors do not change along a run)."""
     from instagan import checkpoint, visual
     from instagan.train import build_networks
 
@@ -379,81 +378,106 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
     clf_meta = None
     if isinstance(classifier, (str, Path)):
         classifier, clf_meta = load_classifier(classifier, device)
-    size = cfg.data.size
-    data, skipped = {}, []
-    for d in ("a", "b"):
-        data[d], bad = load_split(data_root, split, d, size, limit, batch_size)
-        skipped += bad
-        if not data[d]:
-            raise ValueError(f"no usable image in {data_root}/{split}/{d} (skipped: {bad[:3]})")
+    data, skipped = _load_domains(data_root, split, cfg.data.size, limit, batch_size)
     rows: dict[str, dict] = {"model": {}, "identity": {}, "untrained": {}} if floors else {"model": {}}
-    grids, notes, mask_mode = [], [], "instances"
+    grids, mask_mode = [], "instances"
     for direction, d, g in (("a2b", "a", "G_ab"), ("b2a", "b", "G_ba")):
         for row, G in (("model", trained[g].to(device)), ("identity", None), ("untrained", untrained[g].to(device))):
             if row not in rows:
                 continue
-            vals, mode, outs = _row(G, data[d], direction, classifier, ins_max, ins_per)
-            rows[row][direction] = vals
+            rows[row][direction], mode, outs = _row(G, data[d], direction, classifier, ins_max, ins_per)
             if row == "model":
                 mask_mode = mode
-                first, fake = data[d][0], outs[0]
-                for i in range(min(grid_rows, first["img"].shape[0])):
-                    grids.append(([visual.to_unit(first["img"][i]),
-                                   visual.overlay(first["img"][i], first["masks"][i], first["valid"][i]),
-                                   visual.to_unit(fake.img[i]), visual.overlay(fake.img[i], fake.masks[i],
-                                                                                fake.valid[i])],
-                                  f"{direction} #{i}"))
-    if floors:  # the ceiling of the shape measures: real target-domain images, measured as they are
-        rows["real_target"] = {}
-        for direction, d in (("a2b", "b"), ("b2a", "a")):
-            parts = [measure(batch, Translation(batch["img"], batch["masks"], batch["valid"].bool()), "instances",
-                             direction, shapes=True, target=d) for batch in data[d]]
-            rows["real_target"][direction] = {k: v for k, v in summarise(parts).items()
-                                              if k in ("mask_shape", "img_shape", "img_survive", "img_rect")}
+                grids += _grid_rows(data[d][0], outs[0], direction, grid_rows)
+    if floors:
+        rows["real_target"] = _ceiling(data)
     if classifier is not None:
-        rows["real"] = {}
-        for d in ("a", "b"):
-            hit, hit_m = [], []
-            for batch in data[d]:
-                hit.append(classification_score(classify(classifier, batch["img"]), d))
-                hit_m.append(classification_score(classify(classifier, masked(batch["img"], batch["masks"],
-                                                                               batch["valid"])), d))
-            rows["real"][d] = {"acc": float(torch.cat(hit).mean()), "acc_masked": float(torch.cat(hit_m).mean())}
-    else:
-        notes.append("no classifier given: cls, cls_masked and the real row are left out")
+        rows["real"] = _real_accuracy(data, classifier)
+    report = {
+        "checkpoint": str(checkpoint_dir), "data_root": str(data_root), "split": split, "size": cfg.data.size,
+        "arch": cfg.model.arch, "mask_mode": mask_mode, "ins_max": ins_max, "ins_per": ins_per,
+        "classifier": clf_meta, "rows": rows, "skipped": skipped,
+        "notes": _notes(cfg.model.arch, mask_mode, classifier is not None), "keys": METRIC_KEYS,
+    }
+    grid = visual.labelled_grid([cells for cells, _ in grids], list(GRID_COLUMNS), [label for _, label in grids],
+                                scale=max(1, 128 // cfg.data.size))
+    return report, grid
+
+
+def _load_domains(root, split: str, size: int, limit: int | None, batch_size: int) -> tuple[dict, list[dict]]:
+    """{"a": batches, "b": batches} of a split and the rows skipped; ValueError when a domain has no usable image."""
+    data, skipped = {}, []
+    for d in ("a", "b"):
+        data[d], bad = load_split(root, split, d, size, limit, batch_size)
+        skipped += bad
+        if not data[d]:
+            raise ValueError(f"no usable image in {root}/{split}/{d} (skipped: {bad[:3]})")
+    return data, skipped
+
+
+def _grid_rows(batch: dict[str, Tensor], fake: Translation, direction: str, n: int) -> list[tuple[list, str]]:
+    """The grid cells (input, input + masks, translated, translated + masks) of the first n images, labelled."""
+    from instagan import visual
+
+    return [([visual.to_unit(batch["img"][i]), visual.overlay(batch["img"][i], batch["masks"][i], batch["valid"][i]),
+              visual.to_unit(fake.img[i]), visual.overlay(fake.img[i], fake.masks[i], fake.valid[i])],
+             f"{direction} #{i}") for i in range(min(n, batch["img"].shape[0]))]
+
+
+def _ceiling(data: dict) -> dict:
+    """The shape measures of real target-domain images, as they are: the ceiling of the shape metrics."""
+    out = {}
+    for direction, d in (("a2b", "b"), ("b2a", "a")):
+        parts = [measure(batch, Translation(batch["img"], batch["masks"], batch["valid"].bool()), "instances",
+                         direction, shapes=True, target=d) for batch in data[d]]
+        out[direction] = {k: v for k, v in summarise(parts).items()
+                          if k in ("mask_shape", "img_shape", "img_survive", "img_rect")}
+    return out
+
+
+def _real_accuracy(data: dict, classifier: nn.Module) -> dict:
+    """The classifier's accuracy on the real images of each domain, plain and masked."""
+    out = {}
+    for d in ("a", "b"):
+        hit, hit_m = [], []
+        for batch in data[d]:
+            hit.append(classification_score(classify(classifier, batch["img"]), d))
+            hit_m.append(classification_score(classify(classifier, masked(batch["img"], batch["masks"],
+                                                                           batch["valid"])), d))
+        out[d] = {"acc": float(torch.cat(hit).mean()), "acc_masked": float(torch.cat(hit_m).mean())}
+    return out
+
+
+def _notes(arch: str, mask_mode: str, has_classifier: bool) -> list[str]:
+    notes = [] if has_classifier else ["no classifier given: cls, cls_masked and the real row are left out"]
     if mask_mode != "instances":
-        notes.append(f"model.arch {cfg.model.arch!r} predicts {'one union mask' if mask_mode == 'union' else 'no mask'}"
+        notes.append(f"model.arch {arch!r} predicts {'one union mask' if mask_mode == 'union' else 'no mask'}"
                      " per image, not one per instance: mask-based instance metrics (inst, iou, mask_shape) are null"
                      + ("; bg_err and cls_masked use the input masks" if mask_mode == "none" else
                         "; bg_err and cls_masked use the translated union as a one-instance set"))
     notes.append("img_* are image-based shape measures for flat-coloured instances (synthetic ellipses/rectangles); "
                  "meaningless on photos")
-    report = {
-        "checkpoint": str(checkpoint_dir), "data_root": str(data_root), "split": split, "size": size,
-        "arch": cfg.model.arch, "mask_mode": mask_mode, "ins_max": ins_max, "ins_per": ins_per,
-        "classifier": clf_meta, "rows": rows, "skipped": skipped, "notes": notes,
-        "keys": {
-            "cls": "share of translated images the classifier calls the target domain",
-            "cls_masked": "the same on translated image x union of translated masks (background 0)",
-            "bg_err": "mean |x - y'| in [-1, 1] units over pixels background in input and translated masks",
-            "inst": f"share of input instances whose translated mask is non-empty with area ratio in {AREA_RATIO}",
-            "iou": "mean IoU of input and translated masks",
-            "area_ratio": "mean translated / input mask area per instance",
-            "mask_shape": "share of instances preserved whose translated mask has the target shape (rectangularity)",
-            "img_survive": f"image-based: share of instances whose colour region keeps area ratio in {IMG_AREA_RATIO}",
-            "img_iou": "image-based: IoU of the colour region and the input mask",
-            "img_rect": "image-based: area / bounding box of the colour region (rectangle 1.0, ellipse 0.785)",
-            "img_rect_in": "the same for the input masks",
-            "img_shape": "image-based: share of instances that survive with the target domain's shape",
-            "real": "classifier accuracy on the real images (acc_masked: on image x union of real masks)",
-            "real_target": "the shape measures of REAL target-domain test images (a2b: real b, b2a: real a), the "
-                           "ceiling of a translator whose outputs look like the target domain: occluded instances "
-                           "do not read as their domain's shape",
-        },
-    }
-    grid = visual.labelled_grid([cells for cells, _ in grids], list(GRID_COLUMNS), [label for _, label in grids],
-                                scale=max(1, 128 // size))
-    return report, grid
+    return notes
+
+
+METRIC_KEYS = {  # what each metric of evaluate's report means (the report's "keys")
+    "cls": "share of translated images the classifier calls the target domain",
+    "cls_masked": "the same on translated image x union of translated masks (background 0)",
+    "bg_err": "mean |x - y'| in [-1, 1] units over pixels background in input and translated masks",
+    "inst": f"share of input instances whose translated mask is non-empty with area ratio in {AREA_RATIO}",
+    "iou": "mean IoU of input and translated masks",
+    "area_ratio": "mean translated / input mask area per instance",
+    "mask_shape": "share of instances preserved whose translated mask has the target shape (rectangularity)",
+    "img_survive": f"image-based: share of instances whose colour region keeps area ratio in {IMG_AREA_RATIO}",
+    "img_iou": "image-based: IoU of the colour region and the input mask",
+    "img_rect": "image-based: area / bounding box of the colour region (rectangle 1.0, ellipse 0.785)",
+    "img_rect_in": "the same for the input masks",
+    "img_shape": "image-based: share of instances that survive with the target domain's shape",
+    "real": "classifier accuracy on the real images (acc_masked: on image x union of real masks)",
+    "real_target": "the shape measures of REAL target-domain test images (a2b: real b, b2a: real a), the ceiling of a "
+                   "translator whose outputs look like the target domain: occluded instances do not read as their "
+                   "domain's shape",
+}
 
 
 GRID_COLUMNS = ("input", "input + masks", "translated", "translated + masks")

@@ -32,6 +32,7 @@ from instagan import checkpoint
 from instagan import losses as L
 from instagan import masks as M
 from instagan.config import Config
+from instagan.config import amp_dtype as config_amp
 from instagan.memory import lean_saved_tensors, release_free_heap, use_lean
 from instagan.networks import Segmenter, build_discriminator, build_generator, unwrap
 from instagan.pool import HistoryPool
@@ -351,8 +352,7 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     """
     cfg, dev = state.cfg, state.device
     t = cfg.train
-    if amp_dtype is None and t.amp == "bf16":
-        amp_dtype = torch.bfloat16
+    amp_dtype = amp_dtype or config_amp(t.amp)
     union = cfg.model.arch != "instagan"
     a, b = prepare_batch(batch_a, t.ins_max, dev, union), prepare_batch(batch_b, t.ins_max, dev, union)
     # The baselines translate all instances (their union) in one step, whatever count the ranks agreed on.

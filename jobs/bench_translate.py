@@ -25,10 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 
 def bare_loop(tr, items: list, batch_size: int) -> float:
     t0 = time.perf_counter()
@@ -60,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from instagan.data import read_sample
     from instagan.infer import Translator
     from instagan.train import TrainState
-    from jobs import translate as job
+    from instagan.distributed import translate as job
+    from instagan.inputs import Source
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_translate_"))
     write_synthetic(tmp / "data", n=args.n, size=args.size, test_fraction=0.0, workers=min(2, os.cpu_count() or 1))
@@ -88,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ray_init = time.perf_counter() - t0
     walls = {}
     for name, n in (("small", n_small), ("full", args.n)):
-        source = job.Source("parquet", "a", files=[str(tmp / f"{name}.parquet")])
+        source = Source("parquet", "a", files=[str(tmp / f"{name}.parquet")])
         t0 = time.perf_counter()
         summary = job.translate_collection(source, ckpt, str(tmp / f"out_{name}"), actors=1,
                                            cpus_per_actor=args.threads, threads=args.threads,

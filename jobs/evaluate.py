@@ -20,12 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python jobs/evaluate.py` puts jobs/, not the repo root, on sys.path
-    sys.path.insert(0, str(ROOT))
-
-from instagan import visual  # noqa: E402
-from instagan.metrics import evaluate  # noqa: E402
+from instagan import visual
+from instagan.metrics import evaluate
 
 SUMMARY_KEYS = ("cls", "cls_masked", "bg_err", "inst", "iou", "area_ratio", "mask_shape", "img_survive", "img_shape")
 

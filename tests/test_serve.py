@@ -1,4 +1,5 @@
-"""jobs/serve.py and jobs/serve_client.py: a real Serve app on loopback, real photos, malformed requests, the client."""
+"""jobs/serve.py and jobs/serve_client.py (instagan.distributed.serve, instagan.client): a real Serve app on
+loopback, real photos, malformed requests, the client."""
 
 import base64
 import io
@@ -15,8 +16,9 @@ import requests
 from PIL import Image
 
 from instagan.infer import Translator
+from instagan import client
+from instagan.distributed.serve import Limits
 from jobs import serve_client
-from jobs.serve import Limits, translate_isolated
 from tests.conftest import tiny_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shp2gir_coco_sample"
@@ -58,7 +60,7 @@ def ckpt(tmp_path_factory):
 def url(ray_local, ckpt):
     from ray import serve
 
-    from jobs.serve import build_app
+    from instagan.distributed.serve import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,7 +178,7 @@ def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path)
         assert out.size == Image.open(SAMPLE / "sampleA" / f"{iid}.png").size
         assert len(list((tmp_path / "out" / "masks").glob(f"{iid}_*.png"))) == n
 
-    stats = serve_client.bench(url, [body(*photo("1106")), body(*photo("139"))], n=8, concurrency=4, warmup=2)
+    stats = client.bench(url, [body(*photo("1106")), body(*photo("139"))], n=8, concurrency=4, warmup=2)
     assert stats["ok"] == 8 and stats["failed"] == 0 and 0 < stats["p50_s"] <= stats["p99_s"]
     assert stats["images_per_s"] > 0
 
@@ -195,7 +197,7 @@ def test_bounded_keeps_at_most_concurrency_in_flight():
 
     pulled = []
     items = (pulled.append(i) or i for i in range(40))
-    results = sorted(f.result() for _, f in serve_client.bounded(items, work, 3))
+    results = sorted(f.result() for _, f in client.bounded(items, work, 3))
     assert results == [i * i for i in range(40)] and state["peak"] == 3 and len(pulled) == 40
 
 
@@ -203,6 +205,6 @@ def test_a_failing_item_fails_alone(ckpt):
     tr = Translator.from_checkpoint(str(ckpt))
     good = (np.zeros((40, 48, 3), np.uint8), np.ones((1, 40, 48), bool))
     bad = (np.zeros((40, 48, 3), np.float32), np.ones((1, 40, 48), bool))  # the wrong dtype: translate_arrays raises
-    out = translate_isolated(tr, [good, bad, good], None)
+    out = tr.translate_each([good, bad, good], None, 3)
     assert isinstance(out[1], ValueError) and "uint8" in str(out[1])
     assert out[0].img.shape == (40, 48, 3) and np.array_equal(out[0].img, out[2].img)

@@ -31,6 +31,8 @@ from instagan.data import read_sample  # noqa: E402
 from instagan.infer import Translator  # noqa: E402
 from instagan.synthetic import make_batch  # noqa: E402
 from instagan.train import TrainState, train_step  # noqa: E402
+from instagan import inputs as I  # noqa: E402
+from instagan.distributed.translate import translate_rows  # noqa: E402
 from jobs import translate as job  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -77,11 +79,11 @@ def read_output(out: Path) -> pa.Table:
 # ---- no Ray ---------------------------------------------------------------------------------------------------
 
 def test_rows_translate_at_their_size_and_bad_rows_are_reported_not_raised(ckpt, parquet_set):
-    source = job.resolve_input(parquet_set, direction="a2b")  # the only split, sample, is picked
-    rows = list(job.iter_input_rows(source))
+    source = I.resolve_input(parquet_set, direction="a2b")  # the only split, sample, is picked
+    rows = list(I.iter_input_rows(source))
     assert {r["id"] for r in rows} == sheep_ids() | set(BAD_IDS)
     tr = Translator.from_checkpoint(ckpt, "a2b", ins_max=3, ins_per=2)
-    out = {r["id"]: r for r in job.translate_rows(tr, rows, size=None, batch_size=4, direction="a2b",
+    out = {r["id"]: r for r in translate_rows(tr, rows, size=None, batch_size=4, direction="a2b",
                                                   checkpoint=ckpt)}
     assert set(out) == {r["id"] for r in rows}
     for bad_id, reason in BAD_IDS.items():
@@ -106,13 +108,13 @@ def test_native_size_keeps_odd_sizes(ckpt):
     mask[5:20, 10:30] = True
     row = {"id": "odd", "image": png(img), "height": 37, "width": 50, "masks": encode_masks([mask]), "source": ""}
     tr = Translator.from_checkpoint(ckpt, "b2a")
-    (res,) = job.translate_rows(tr, [row], size=0, batch_size=1, direction="b2a", checkpoint=ckpt)
+    (res,) = translate_rows(tr, [row], size=0, batch_size=1, direction="b2a", checkpoint=ckpt)
     y, m = read_sample(res)
     assert y.shape == (37, 50, 3) and m.shape == (1, 37, 50) and res["translated"] == [True]
 
 
 def test_coco_rows_come_from_data_prep_readers():
-    source = job.resolve_input(DATA / "fruits_nuts_coco" / "trainval.json", direction="b2a",
+    source = I.resolve_input(DATA / "fruits_nuts_coco" / "trainval.json", direction="b2a",
                                images=DATA / "fruits_nuts_coco" / "images", a="date", b="fig")
     data = json.loads((DATA / "fruits_nuts_coco" / "trainval.json").read_text())
     fig = next(c["id"] for c in data["categories"] if c["name"] == "fig")
@@ -120,7 +122,7 @@ def test_coco_rows_come_from_data_prep_readers():
     for ann in data["annotations"]:
         if ann["category_id"] == fig:
             want[str(ann["image_id"])] = want.get(str(ann["image_id"]), 0) + 1
-    rows = list(job.iter_input_rows(source, skip_ids=["0"]))
+    rows = list(I.iter_input_rows(source, skip_ids=["0"]))
     assert {r["id"]: len(r["masks"]) for r in rows} == {k: v for k, v in want.items() if k != "0"}
     img, masks = read_sample(rows[0])
     assert img.shape == (600, 800, 3) and masks.shape[1:] == (600, 800)
@@ -134,12 +136,12 @@ def test_unusable_inputs_are_usage_errors(tmp_path, parquet_set):
     shutil.copy(tmp_path / "trainA" / "1.png", tmp_path / "testA" / "1.png")
     shutil.copy(tmp_path / "trainA_seg" / "1_0.png", tmp_path / "testA_seg" / "1_0.png")
     with pytest.raises(UsageError, match="several phases"):
-        job.resolve_input(tmp_path)
-    assert job.resolve_input(tmp_path, split="test").ids() == ["1"]
+        I.resolve_input(tmp_path)
+    assert I.resolve_input(tmp_path, split="test").ids() == ["1"]
     with pytest.raises(UsageError, match="--a and --b"):
-        job.resolve_input(DATA / "fruits_nuts_coco" / "trainval.json", images=DATA / "fruits_nuts_coco")
+        I.resolve_input(DATA / "fruits_nuts_coco" / "trainval.json", images=DATA / "fruits_nuts_coco")
     with pytest.raises(UsageError, match="splits sample"):
-        job.resolve_input(parquet_set, split="train")
+        I.resolve_input(parquet_set, split="train")
     assert job.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from instagan.config import Config
+from instagan.storage import write_text
 
 # The embedded default (configs/tiny_synthetic.yaml): a tiny model with the quality recipe on generated 64x64
 # images, 2 CPU workers at half a CPU each, about 9 minutes on a 2-core laptop, then the test metrics.
@@ -73,20 +74,6 @@ def run_folder(cfg: Config) -> str:
     return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
 
 
-def write_text(uri_or_path: str, text: str) -> None:
-    """Write a small text file to a local path or a pyarrow-supported URI (s3://, gs://, ...)."""
-    if "://" not in uri_or_path:
-        Path(uri_or_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(uri_or_path).write_text(text)
-        return
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri_or_path)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
 def synthetic_data(cfg: Config, n: int) -> Config:
     """With data.root empty, generate (or reuse) <run folder>/data and point data.root at it."""
     if cfg.data.root:
@@ -110,21 +97,20 @@ def synthetic_data(cfg: Config, n: int) -> Config:
     return cfg.replace(**{"data.root": str(out), "data.split": SYNTHETIC_SPLIT})
 
 
-def init_ray(cfg: Config, address: str | None = None, trials: int = 0) -> None:
+def init_ray(address: str | None = None, cpus: float = 0.0, dashboard: bool = True) -> None:
     """Connect to the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets), else start a local Ray
-    with enough logical CPUs for cfg's fractional workers (times `trials` concurrent Tune trials, each with a
-    0.1-CPU driver) and Ray Data's read tasks: more than a 2-core machine has. A no-op when Ray is running."""
+    with logical CPUs for `cpus` worth of fractional workers or actors plus Ray Data's read and write tasks: more
+    than a 2-core machine has. dashboard=False spares a local instance its processes (about 10% of 2 cores). A
+    no-op when Ray is already running (called from Python, e.g. tests)."""
     import ray
 
-    if ray.is_initialized():  # called from Python (tests) inside a running Ray session
+    if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return
-    per_trial = cfg.run.workers * cfg.run.cpus_per_worker
-    need = (trials * (per_trial + 0.1) if trials else per_trial) + 2
-    ray.init(num_cpus=max(4, os.cpu_count() or 1, math.ceil(need)))
+    ray.init(num_cpus=max(4, os.cpu_count() or 1, math.ceil(cpus + 2)), include_dashboard=dashboard)
 
 
 def data_problem(cfg: Config) -> str | None:
@@ -189,7 +175,7 @@ def run(cfg: Config, address: str | None = None, local: bool = False, synthetic_
         report_test_split(cfg, str(last), folder)
         return 0
 
-    init_ray(cfg, address)
+    init_ray(address, cfg.run.workers * cfg.run.cpus_per_worker)
     from ray.train import TrainingFailedError
 
     try:

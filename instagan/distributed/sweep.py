@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from instagan.config import Config
-from instagan.distributed.launch import (apply_overrides, build_trainer, init_ray, read_config_file, synthetic_data,
-                                         write_text)
+from instagan.distributed.launch import apply_overrides, build_trainer, init_ray, read_config_file, synthetic_data
+from instagan.storage import write_text
 
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "choice": None, "grid": None}  # name -> number of arguments
 SWEEP_FILE, BEST_FILE = "sweep.json", "best.json"
@@ -227,7 +227,7 @@ def sweep(cfg: Config, space: dict, opts: dict, resume: bool = False, synthetic_
                                                           indent=2) + "\n")
     print(f"[tune] sweep folder: {folder}", flush=True)
 
-    init_ray(cfg, address, trials=opts["max_concurrent"])
+    init_ray(address, opts["max_concurrent"] * (cfg.run.workers * cfg.run.cpus_per_worker + 0.1))  # + trial drivers
     from ray import tune
 
     if resume and not tune.Tuner.can_restore(folder):

@@ -1,0 +1,247 @@
+"""Batch translation of a collection with Ray Data: an actor pool of Translators, part files written whole, resume
+by id, every input that was not translated reported with its reason (jobs/translate.py has the user's view).
+
+    source = instagan.inputs.resolve_input(path, direction="a2b")
+    summary = translate_collection(source, checkpoint, out, actors=2)   # Ray initialised; -> the run summary
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data_prep.rows import encode_masks, quarantine_row
+from instagan.inputs import ROWS, BadRow, Source, parquet_columns, convert_tasks, decode_row
+from instagan.storage import filesystem, write_text
+
+OUTPUT = pa.schema([
+    ("id", pa.string()), ("image", pa.binary()), ("format", pa.string()), ("height", pa.int32()),
+    ("width", pa.int32()), ("masks", pa.list_(pa.binary())), ("areas", pa.list_(pa.int64())),
+    ("translated", pa.list_(pa.bool_())), ("direction", pa.string()), ("checkpoint", pa.string()),
+    ("source", pa.string()), ("time_s", pa.float64()),
+])
+ACTOR_OUT = OUTPUT.append(pa.field("problems", pa.string()))
+PART = re.compile(r"^part-.+\.parquet$")
+
+
+def read_input(source: Source, skip_ids: Iterable[str] = ()):
+    """The source's rows as a Ray Dataset (ROWS' columns; Ray must be initialised). Folder and COCO images are
+    decoded by data_prep's readers in Ray tasks; Parquet rows whose id is in skip_ids are dropped by the
+    translate actors (TranslateActor's skip_ids), folder/COCO tasks here."""
+    import ray
+
+    skip = set(skip_ids)
+    if source.kind == "parquet":
+        return ray.data.read_parquet(source.files).select_columns(parquet_columns(source.files[0]))
+    tasks = [{"task": pickle.dumps(t)} for t in source.tasks if str(t[0]) not in skip]
+    if not tasks:
+        return ray.data.from_arrow(ROWS.empty_table())
+    return ray.data.from_items(tasks).map_batches(convert_tasks, fn_kwargs={"kind": source.kind},
+                                                  batch_format="pyarrow", batch_size=8)
+
+
+# ---- translation ---------------------------------------------------------------------------------------------
+
+def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, direction: str, checkpoint: str,
+                   png_dir: str | None = None) -> list[dict]:
+    """Translate ROWS rows with an instagan.infer.Translator -> rows in ACTOR_OUT, failed ones with image None and
+    their reasons in `problems`. One bad row never stops the others."""
+    out, items, good = [], [], []
+    for row in rows:
+        problems = json.loads(row.get("problems") or "[]")
+        if row["image"] is None:
+            out.append(_failed(row, problems))
+            continue
+        try:
+            img, masks = decode_row(row)
+            try:
+                tr.check_item(img, masks)
+            except ValueError as e:
+                raise BadRow("size_mismatch" if "but the image is" in str(e) else "bad_item", str(e)) from None
+        except BadRow as e:
+            problems.append(quarantine_row(row["id"], row.get("source") or "", e.reason, e.detail))
+            out.append(_failed(row, problems))
+            continue
+        items.append((img, masks))
+        good.append((row, problems))
+    t0 = time.perf_counter()
+    results = tr.translate_each(items, size=size, batch_size=batch_size) if items else []
+    share = (time.perf_counter() - t0) / max(1, len(items))
+    for (row, problems), item, res in zip(good, items, results):
+        if isinstance(res, Exception):
+            problems.append(quarantine_row(row["id"], row.get("source") or "", "translate_error",
+                                           f"{type(res).__name__}: {res}"))
+            out.append(_failed(row, problems))
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(res.img).save(buf, "PNG", compress_level=1)
+        masks = list(res.masks)
+        out.append({"id": row["id"], "image": buf.getvalue(), "format": "PNG", "height": res.img.shape[0],
+                    "width": res.img.shape[1], "masks": encode_masks(masks), "areas": [int(m.sum()) for m in masks],
+                    "translated": [bool(t) for t in res.translated], "direction": direction,
+                    "checkpoint": checkpoint, "source": row.get("source") or "", "time_s": share,
+                    "problems": json.dumps(problems) if problems else ""})
+        if png_dir:
+            write_overlay(Path(png_dir), row["id"], item, res)
+    return out
+
+
+def _failed(row: dict, problems: list[dict]) -> dict:
+    return {"id": row["id"], "image": None, "format": None, "height": 0, "width": 0, "masks": [], "areas": [],
+            "translated": [], "direction": None, "checkpoint": None, "source": row.get("source") or "",
+            "time_s": None, "problems": json.dumps(problems)}
+
+
+def write_overlay(png_dir: Path, id: str, item: tuple[np.ndarray, np.ndarray], res) -> Path:
+    """<png_dir>/<id>.png: input | input + masks | translated | translated + masks (instance k: colour k)."""
+    import torch
+
+    from instagan.visual import overlay, save_png
+
+    def cells(img: np.ndarray, masks: np.ndarray, valid: np.ndarray) -> list:
+        x = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+        m = torch.from_numpy(masks).float() * 2 - 1 if len(masks) else torch.zeros(0, *img.shape[:2])
+        return [(x + 1) / 2, overlay(x, m, torch.from_numpy(valid))]
+
+    img, masks = item
+    row = cells(img, masks, np.ones(len(masks), bool)) + cells(res.img, res.masks, np.ones(len(res.masks), bool))
+    return save_png(torch.cat(row, dim=2), png_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', str(id))}.png")
+
+
+class TranslateActor:
+    """Ray Data actor: loads the generator once, then translates batches (pyarrow tables in ROWS -> ACTOR_OUT)."""
+
+    def __init__(self, checkpoint: str, direction: str = "a2b", ins_max: int = 20, ins_per: int = 2,
+                 device: str = "cpu", size: int | None = None, batch_size: int = 8, threads: int = 0,
+                 amp: str = "none", png_dir: str | None = None, skip_ids=None):
+        import ray
+        import torch
+
+        from instagan.config import amp_dtype
+        from instagan.infer import Translator
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.tr = Translator.from_checkpoint(checkpoint, direction=direction, ins_max=ins_max, ins_per=ins_per,
+                                             device=device, amp_dtype=amp_dtype(amp))
+        self.kw = dict(size=size, batch_size=batch_size, direction=direction, checkpoint=checkpoint,
+                       png_dir=png_dir)
+        # an ObjectRef: Ray Data pickles constructor arguments into the actor's init closure unresolved
+        self.skip = ray.get(skip_ids) if isinstance(skip_ids, ray.ObjectRef) else set(skip_ids or ())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [r for r in batch.to_pylist() if r["id"] not in self.skip]
+        return pa.Table.from_pylist(translate_rows(self.tr, rows, **self.kw), schema=ACTOR_OUT)
+
+
+def done_ids(out: str) -> set[str]:
+    """Ids already in --out's part files (only their id column is read)."""
+    fs, base = filesystem(out)
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return set()
+    files = [f.path for f in fs.get_file_info(pafs.FileSelector(base)) if PART.match(f.base_name)]
+    return {i for f in files for i in pq.read_table(f, columns=["id"], filesystem=fs)["id"].to_pylist()}
+
+
+def make_sink(out: str, run: str, rows_per_file: int):
+    """A Ray Data Datasink: translated rows to new part files of at most `rows_per_file` rows under `out`, problems
+    back to the driver. Ray Data hands each write task whole output blocks (all the batches an actor made from one
+    input block), so a part file is written once its block is done."""
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class PartFiles(Datasink):
+        def __init__(self):
+            self.returns: list[dict] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_file
+
+        def write(self, blocks, ctx) -> dict:
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            table = pa.concat_tables([t.cast(ACTOR_OUT) for t in tables if t.num_rows]) if tables else None
+            if table is None or table.num_rows == 0:
+                return {"files": [], "rows": 0, "problems": []}
+            problems = [q for p in table["problems"].to_pylist() if p for q in json.loads(p)]
+            good = table.filter(pc.is_valid(table["image"])).select(OUTPUT.names)
+            fs, base = filesystem(out)
+            local = isinstance(fs, pafs.LocalFileSystem)
+            names = []
+            for start in range(0, good.num_rows, rows_per_file):
+                if not names:
+                    fs.create_dir(base, recursive=True)
+                names.append(f"part-{run}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet")
+                tmp = f"{base}/.{names[-1]}.tmp" if local else f"{base}/{names[-1]}"  # object stores commit on close
+                pq.write_table(good.slice(start, rows_per_file), tmp, filesystem=fs, compression="none",
+                               row_group_size=64)
+                if local:
+                    fs.move(tmp, f"{base}/{names[-1]}")  # a crash never leaves a torn part file
+            return {"files": names, "rows": good.num_rows, "problems": problems}
+
+        def on_write_complete(self, write_result) -> None:
+            self.returns = list(write_result.write_returns)
+
+    return PartFiles()
+
+
+# ---- the collection ------------------------------------------------------------------------------------------
+
+def translate_collection(source: Source, checkpoint: str, out: str, direction: str = "a2b", size: str = "model",
+                         ins_max: int = 20, ins_per: int = 2, device: str = "cpu", actors: int = 1,
+                         cpus_per_actor: float = 1.0, threads: int = 0, batch_size: int = 8,
+                         rows_per_file: int = 128, amp: str = "none", png: str | None = None,
+                         progress: bool = True) -> dict:
+    """Translate `source` into `out` with Ray Data (Ray must be initialised); returns the run summary.
+    progress=False hides Ray Data's progress bars."""
+    import ray
+
+    if not progress:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    checkpoint = str(Path(checkpoint).resolve()) if "://" not in checkpoint else checkpoint
+    done = done_ids(out)
+    ids = source.ids()
+    todo = [i for i in ids if i not in done]
+    summary = {"run": run, "kind": source.kind, "domain": source.domain, "direction": direction, "out": out,
+               "checkpoint": checkpoint, "size": size, "inputs": len(ids), "already_done": len(ids) - len(todo)}
+    problems = list(source.problems)
+    returns = []
+    if todo:
+        gpu = device.startswith("cuda")
+        kwargs = dict(checkpoint=checkpoint, direction=direction, ins_max=ins_max, ins_per=ins_per, device=device,
+                      size=None if size == "model" else 0, batch_size=batch_size,
+                      threads=threads or max(1, int(cpus_per_actor)), amp=amp, png_dir=png,
+                      skip_ids=ray.put(done) if source.kind == "parquet" and done else None)
+        sink = make_sink(out, run, rows_per_file)
+        ds = read_input(source, skip_ids=done).map_batches(
+            TranslateActor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)
+        ds.write_datasink(sink)
+        returns = sink.returns
+        problems += [q for r in returns for q in r["problems"]]
+    written = sum(r["rows"] for r in returns)
+    base = out.rstrip("/")
+    seconds = time.perf_counter() - t0
+    skipped = sorted({q["id"] for q in problems if q.get("kind", "image") != "instance"} - done)
+    summary.update(written=written, skipped=len(skipped), problems=len(problems),
+                   files=sorted(f for r in returns for f in r["files"]), seconds=round(seconds, 3),
+                   images_per_s=round(written / seconds, 3) if seconds > 0 else None)
+    if problems:
+        write_text(f"{base}/skipped-{run}.jsonl", "".join(json.dumps(q) + "\n" for q in problems))
+    write_text(f"{base}/run-{run}.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,190 @@
+"""What a translation takes in: a collection of images with their instance masks, listed without decoding (a
+data_prep Parquet set or file, an InstaGAN folder, a COCO json), its rows read in this process, and one row
+decoded. jobs/translate.py (through instagan.distributed.translate, which reads the same rows with Ray Data) and
+jobs/serve_client.py use it; no Ray here.
+
+    source = resolve_input("/tmp/shp2gir", direction="a2b", split="sample")
+    for row in iter_input_rows(source): img, masks = decode_row(row)   # uint8 (H, W, 3), bool (K, H, W)
+
+Rows follow ROWS: data_prep's columns plus `source` and `problems` (a JSON list of data_prep quarantine rows; a
+row whose image is null is not translated). Folder and COCO inputs are converted by data_prep's own readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data_prep import coco, folder
+from data_prep.rows import Options, UsageError
+from data_prep.writer import guarded
+from instagan.data import decode_masks
+
+ROWS = pa.schema([  # what the translate actors take: data_prep's columns, plus problems found on the way
+    ("id", pa.string()), ("image", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
+    ("masks", pa.list_(pa.binary())), ("source", pa.string()),
+    ("problems", pa.string()),  # JSON list of quarantine rows; a row without image is not translated
+])
+SOURCE_DOMAIN = {"a2b": "a", "b2a": "b"}
+
+
+@dataclass
+class Source:
+    """One collection to translate, listed but not decoded."""
+    kind: str  # parquet | folder | coco
+    domain: str  # the translated domain (a or b)
+    files: list[str] = field(default_factory=list)  # parquet: the part files
+    tasks: list[tuple] = field(default_factory=list)  # folder/coco: data_prep conversion tasks, one per image
+    problems: list[dict] = field(default_factory=list)  # inputs rejected while listing (duplicates, orphans...)
+
+    def ids(self) -> list[str]:
+        if self.kind != "parquet":
+            return [str(t[0]) for t in self.tasks]
+        return [i for f in self.files for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+
+
+def detect_kind(path: Path) -> str:
+    if path.suffix.lower() == ".json":
+        return "coco"
+    if path.suffix == ".parquet" or (path / "metadata.json").exists() or any(path.rglob("*.parquet")):
+        return "parquet"
+    if path.is_dir() and any(p.is_dir() and folder.PAIR.match(p.name) for p in path.iterdir()):
+        return "folder"
+    raise UsageError(f"cannot tell the kind of input {path}: pass --kind parquet|folder|coco")
+
+
+def resolve_input(path: str | Path, kind: str = "auto", direction: str = "a2b", split: str | None = None,
+                  images: str | Path | None = None, a: str | None = None, b: str | None = None,
+                  threshold: int = 128, min_area: int = 1) -> Source:
+    """List the images of `direction`'s source domain. Raises UsageError when the input itself is unusable."""
+    if direction not in SOURCE_DOMAIN:
+        raise UsageError(f"--direction must be a2b or b2a, got {direction!r}")
+    path, domain = Path(path), SOURCE_DOMAIN[direction]
+    if not path.exists():
+        raise UsageError(f"input {path} not found")
+    kind = detect_kind(path) if kind == "auto" else kind
+    if kind == "parquet":
+        return Source("parquet", domain, files=_parquet_files(path, split, domain))
+    if kind == "folder":
+        args = argparse.Namespace(root=path, phases=split, a_name="A", b_name="B", threshold=threshold,
+                                  min_area=min_area)
+        tasks, _, problems = folder.plan(args)
+        tasks = [t for t in tasks if t[4] == domain]
+        phases = sorted({t[3] for t in tasks})
+        if len(phases) > 1:
+            raise UsageError(f"{path} holds several phases ({', '.join(phases)}): pick one with --split")
+        dirs = {f"{p}{domain.upper()}" for p in phases} | {f"{p}{domain.upper()}_seg" for p in phases}
+        return Source("folder", domain, tasks=tasks,
+                      problems=[q for q in problems if Path(q["source"]).parent.name in dirs])
+    if kind == "coco":
+        if images is None or not a or not b:
+            raise UsageError("COCO input needs --images, --a and --b (the categories of domains a and b)")
+        args = argparse.Namespace(annotations=path, images=Path(images), a=a, b=b, exclusive=False,
+                                  include_crowd=False, min_area=min_area, test_fraction=0.0, seed=0, split="all")
+        tasks, _, problems = coco.plan(args)
+        tasks = [(*t[:5], {domain: t[5][domain]}, *t[6:]) for t in tasks if domain in t[5]]
+        ids = {str(t[0]) for t in tasks}
+        return Source("coco", domain, tasks=tasks,
+                      problems=[q for q in problems if q["id"] in ids or q["kind"] == "image"])
+    raise UsageError(f"--kind must be parquet, folder or coco, got {kind!r}")
+
+
+def _parquet_files(path: Path, split: str | None, domain: str) -> list[str]:
+    if path.is_file():
+        return [str(path)]
+    if (path / "metadata.json").exists() or any(path.glob(f"*/{domain}/*.parquet")):  # a data_prep data set
+        splits = sorted(p.parent.name for p in path.glob(f"*/{domain}"))
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split is None or split not in splits:
+            raise UsageError(f"{path} is a data set with splits {', '.join(splits) or 'none'} for domain "
+                             f"{domain}: pick one with --split")
+        path = path / split / domain
+    files = sorted(str(p) for p in path.rglob("*.parquet"))
+    if not files:
+        raise UsageError(f"no .parquet file under {path}")
+    missing = {"id", "image", "height", "width", "masks"} - set(pq.read_schema(files[0]).names)
+    if missing:
+        raise UsageError(f"{files[0]} lacks the column(s) {', '.join(sorted(missing))} (data_prep's schema)")
+    return files
+
+
+def _convert(task: tuple, fn) -> list[dict]:
+    res = guarded(task, fn, Options(min_area=1))
+    problems = res.quarantine
+    if not res.rows:
+        return [{"id": str(task[0]), "image": None, "height": 0, "width": 0, "masks": [], "source": str(task[1]),
+                 "problems": json.dumps(problems)}]
+    return [{**{k: row[k] for k in ("id", "image", "height", "width", "masks", "source")},
+             "problems": json.dumps(problems) if problems else ""} for _, _, row in res.rows]
+
+
+def iter_input_rows(source: Source, skip_ids: Iterable[str] = ()) -> Iterator[dict]:
+    """The source's rows (ROWS' columns) in the calling process, no Ray; ids in skip_ids are left out."""
+    skip = set(skip_ids)
+    for q in source.problems:
+        yield {"id": q["id"], "image": None, "height": 0, "width": 0, "masks": [], "source": q["source"],
+               "problems": json.dumps([q])}
+    if source.kind != "parquet":
+        fn = {"folder": folder.convert, "coco": coco.convert}[source.kind]
+        for task in source.tasks:
+            if str(task[0]) not in skip:
+                yield from _convert(task, fn)
+        return
+    for f in source.files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=parquet_columns(f)):
+            for row in batch.to_pylist():
+                if row["id"] not in skip:
+                    yield {**row, "source": row.get("source") or f, "problems": ""}
+
+
+def parquet_columns(file: str) -> list[str]:
+    names = pq.read_schema(file).names
+    return ["id", "image", "height", "width", "masks"] + (["source"] if "source" in names else [])
+
+
+def convert_tasks(batch: pa.Table, kind: str) -> pa.Table:
+    """Ray Data map function: pickled data_prep tasks -> rows in ROWS (failed images with image null)."""
+    fn = {"folder": folder.convert, "coco": coco.convert}[kind]
+    return pa.Table.from_pylist([r for t in batch["task"].to_pylist() for r in _convert(pickle.loads(t), fn)],
+                                schema=ROWS)
+
+
+class BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A ROWS row -> (uint8 (H, W, 3), bool (K, H, W)); raises BadRow(unreadable_image | bad_masks)."""
+    try:
+        with Image.open(io.BytesIO(row["image"])) as im:
+            img = np.array(im.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt bytes
+        raise BadRow("unreadable_image", f"{type(e).__name__}: {e}") from None
+    try:
+        masks = decode_masks(row["masks"] or [], row["height"], row["width"])
+    except Exception as e:
+        raise BadRow("bad_masks", f"{type(e).__name__}: {e}") from None
+    return img, masks
+
+
+def add_input_arguments(p: argparse.ArgumentParser, direction_default: str | None, direction_help: str) -> None:
+    """The flags that pick the input rows (resolve_input's arguments); jobs/translate.py and jobs/serve_client.py."""
+    p.add_argument("--kind", choices=("auto", "parquet", "folder", "coco"), default="auto")
+    p.add_argument("--direction", choices=("a2b", "b2a"), default=direction_default, help=direction_help)
+    p.add_argument("--split", help="split of a data_prep set, or phase of an InstaGAN folder (needed if several)")
+    p.add_argument("--images", help="COCO: the image folder")
+    p.add_argument("--a", help="COCO: category name(s) of domain a")
+    p.add_argument("--b", help="COCO: category name(s) of domain b")
