@@ -46,8 +46,8 @@ class ModelConfig:
     # Levers beyond the paper (off = the paper's recipe; README "Quality" has what each did):
     composite: bool = False  # output = input outside the input and translated masks; G paints only inside them
     mask_cond: bool = False  # the image decoder sees the input and translated mask unions
-    paint: str = "direct"  # the image decoder's output is the image ("direct"), a change of it ("residual") or a
-    # colour with a copy gate ("gated")
+    paint: str = "direct"  # the image decoder's output is the image ("direct"), a change of it ("residual"), a
+    # colour with a copy gate ("gated"), or a change of the input with each object grown in its own colour ("extend")
     upsample: str = "deconv"  # "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv 3x3)
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
@@ -55,7 +55,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of("model.arch", self.arch, ("instagan", "cyclegan", "cyclegan_seg"))
         _one_of("model.upsample", self.upsample, ("deconv", "resize"))
-        _one_of("model.paint", self.paint, ("direct", "residual", "gated"))
+        _one_of("model.paint", self.paint, ("direct", "residual", "gated", "extend"))
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def _encoder(cin: int, ngf: int, n_blocks: int) -> nn.Sequential:
 
 
 UPSAMPLE = ("deconv", "resize")  # ModelConfig.upsample
-PAINT = ("direct", "residual", "gated")  # ModelConfig.paint
+PAINT = ("direct", "residual", "gated", "extend")  # ModelConfig.paint
 
 
 def _up(cin: int, cout: int, upsample: str) -> nn.Module:
@@ -113,6 +113,22 @@ def paint_weight(masks: Tensor, valid: Tensor) -> Tensor:
     soft at uncertain edges. (B, N, H, W), (B, N) -> (B, 1, H, W) fp32."""
     fg = masks.float().clamp(min=0) * valid[:, :, None, None].float()
     return fg.sum(dim=1, keepdim=True).clamp(max=1)
+
+
+def extend_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor) -> Tensor:
+    """The input with each instance grown into its translated shape in its own mean colour: where the translated
+    masks cover a pixel no input mask covers, the colour is the mean input colour of the instances covering it
+    (weighted by their translated masks); every other pixel is the input's. (B, 3, H, W), (B, N, H, W) x2, (B, N)
+    -> (B, 3, H, W) fp32. The base that paint "extend" changes: an object keeps its colour where its shape grows."""
+    v = valid[:, :, None, None].float()
+    w_in = masks.float().clamp(min=0) * v
+    w_out = out_masks.float().clamp(min=0) * v
+    x = img.float()
+    colour = torch.einsum("bchw,bnhw->bnc", x, w_in) / w_in.flatten(2).sum(-1).clamp(min=1e-6)[..., None]
+    cover = w_out.sum(1, keepdim=True)
+    fill = torch.einsum("bnc,bnhw->bchw", colour, w_out) / cover.clamp(min=1e-6)
+    added = (cover.clamp(max=1) - w_in.sum(1, keepdim=True).clamp(max=1)).clamp(min=0)
+    return x * (1 - added) + fill * added
 
 
 def check_shapes(img: Tensor, masks: Tensor, valid: Tensor) -> None:
@@ -164,6 +180,8 @@ class SetGenerator(nn.Module):
       (where tanh has its largest gradient), so objects keep their colours where their shape does not change.
       "gated": d has a fourth channel, a gate a in [0, 1], and g = a * img + (1 - a) * d (attention-guided
       painting as in GANimation); measured to collapse to a = 1, copying the input everywhere (README "Quality").
+      "extend": residual around `extend_colours` (detached translated masks) instead of the input: where a shape
+      grows, the change starts from the object's own mean colour, not from the background.
     - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
     """
 
@@ -204,6 +222,9 @@ class SetGenerator(nn.Module):
             img_out = img_out + 0.0 * dec.sum()  # keeps the mask decoder in the graph (see module docstring)
         if self.paint == "residual":
             img_out = (img.float() + 2 * img_out.float()).clamp(-1, 1)  # images stay in [-1, 1]
+        elif self.paint == "extend":
+            base = extend_colours(img, masks, valid, masks_out.detach())
+            img_out = (base + 2 * img_out.float()).clamp(-1, 1)
         elif self.paint == "gated":
             keep = (img_out[:, -1:].float() + 1) / 2  # tanh -> [0, 1]
             img_out = keep * img.float() + (1 - keep) * img_out[:, :-1].float()

@@ -11,14 +11,15 @@ from instagan.synthetic import make_batch
 LEVERS = {"composite": True, "mask_cond": True, "upsample": "resize", "paint": "residual"}
 
 
-@pytest.fixture(scope="module", params=["paper", "levers"])
+@pytest.fixture(scope="module", params=["paper", "levers", "extend"])
 def nets(request):
-    """The paper's networks, and the same with every option of the quality recipe on: the symmetry and
-    independence properties must hold for both."""
+    """The paper's networks, and the same with every option of the quality recipe on (and with paint "extend"):
+    the symmetry and independence properties must hold for all."""
     torch.manual_seed(0)
     if request.param == "paper":
         return SetGenerator(ngf=8, n_blocks=2).eval(), SetDiscriminator(ndf=8).eval()
-    return (SetGenerator(ngf=8, n_blocks=2, **LEVERS).eval(),
+    levers = {**LEVERS, "paint": "extend"} if request.param == "extend" else LEVERS
+    return (SetGenerator(ngf=8, n_blocks=2, **levers).eval(),
             SetDiscriminator(ndf=8, inst_img=True, img_head=True).eval())
 
 
@@ -280,3 +281,33 @@ def test_residual_painting_changes_the_input_by_the_decoder_output():
         y_shift, _ = G(img, masks, valid)
     torch.testing.assert_close(y_shift, (img + 2 * torch.tanh(torch.tensor(0.25))).clamp(-1, 1), rtol=0, atol=1e-6)
     assert y_shift.max() == 1 and y_shift.min() >= -1
+
+
+def test_extend_grows_each_object_in_its_own_colour_and_keeps_every_other_pixel():
+    """extend_colours: where a translated mask covers a pixel no input mask covers, the pixel takes the mean input
+    colour of its instance; input-mask pixels, background and padding slots are left as they are. A generator with
+    paint "extend" whose decoder outputs 0 returns exactly that image."""
+    from instagan.networks import extend_colours, paint_weight
+
+    img = torch.full((1, 3, 16, 16), -0.5)
+    img[0, :, 2:6, 2:6] = torch.tensor([0.9, -0.9, 0.1])[:, None, None]  # instance 0
+    img[0, :, 10:14, 10:14] = torch.tensor([-0.8, 0.7, 0.3])[:, None, None]  # instance 1
+    masks = torch.full((1, 3, 16, 16), -1.0)
+    masks[0, 0, 2:6, 2:6] = 1
+    masks[0, 1, 10:14, 10:14] = 1
+    out = torch.full((1, 3, 16, 16), -1.0)
+    out[0, 0, 1:7, 1:7] = 1  # instance 0 grows by one pixel all round
+    out[0, 1, 10:14, 10:14] = 1  # instance 1 keeps its shape
+    out[0, 2, :, :3] = 1  # a padding slot: ignored
+    valid = torch.tensor([[True, True, False]])
+    base = extend_colours(img, masks, valid, out)
+    grown = (out[0, 0] > 0) & (masks[0, 0] <= 0)
+    assert torch.equal(base[0][:, grown], torch.tensor([0.9, -0.9, 0.1])[:, None].expand(3, int(grown.sum())))
+    assert torch.equal(base[0][:, ~grown], img[0][:, ~grown])
+    G = SetGenerator(ngf=4, n_blocks=1, composite=True, mask_cond=True, paint="extend")
+    with torch.no_grad():
+        G.dec_img.out[1].weight.zero_()
+        G.dec_img.out[1].bias.zero_()
+    y, b = G(img, masks, valid)
+    u = paint_weight(torch.cat([masks, b], 1), torch.cat([valid, valid], 1))
+    torch.testing.assert_close(y, img * (1 - u) + extend_colours(img, masks, valid, b) * u, rtol=0, atol=1e-6)
