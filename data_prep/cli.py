@@ -64,13 +64,24 @@ def build(argv: list[str]) -> dict:
                        info=info, quarantine=quarantine, progress=not args.quiet)
 
 
+FEW_IMAGES = 5  # a split's domain with fewer images than this gets a warning
+
+
 def summary(meta: dict, out: str) -> str:
-    images = sum(c["images"] for c in meta["counts"].values())
+    rows = sum(c["images"] for c in meta["counts"].values())
     instances = sum(c["instances"] for c in meta["counts"].values())
+    unique = meta.get("unique_images", rows)
     b = meta["build"]
-    lines = [f"data_prep {meta['source']}: {images} images, {instances} instances -> {out} "
+    both = f" ({unique} unique images: {rows - unique} are in both domains)" if unique != rows else ""
+    lines = [f"data_prep {meta['source']}: {rows} images{both}, {instances} instances -> {out} "
              f"in {b['seconds']:.1f} s ({b['images_per_s'] or 0:.1f} images/s, {b['workers']} workers)"]
     lines += [f"  {k}: {c['images']} images, {c['instances']} instances" for k, c in meta["counts"].items()]
+    for split in sorted({k.split("/")[0] for k in meta["counts"]}):
+        for d in ("a", "b"):
+            n = meta["counts"].get(f"{split}/{d}", {}).get("images", 0)
+            if n < FEW_IMAGES:
+                lines.append(f"  warning: split '{split}' has {n} image(s) of domain {d}: too few to train or "
+                             f"evaluate on (check the categories and the split options)")
     if meta["skipped"]:
         lines.append("  skipped (by choice): " + ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()))
     if meta["quarantine"]:

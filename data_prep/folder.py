@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.rows import BadInput, Options, Result, UsageError, make_row, quarantine_row
+from data_prep.rows import MASK_FORMATS, BadInput, Options, Result, UsageError, make_row, open_image, quarantine_row
 
 PAIR = re.compile(r"^(?P<phase>.+)(?P<dom>[AB])$")
 MASK = re.compile(r"^(?P<id>.+)_(?P<k>\d+)$")
@@ -87,12 +87,18 @@ def plan(args: argparse.Namespace) -> tuple[list, dict, list]:
 
 
 def load_mask(path: Path, threshold: int) -> np.ndarray:
-    """Any-mode mask file -> bool (H, W): brightest channel >= threshold (16-bit files scaled to 8 bits)."""
+    """A PNG mask file in any mode -> bool (H, W): brightest channel >= threshold (16-bit files scaled to 8 bits)."""
     try:
-        im = Image.open(path)
-        im.load()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise BadInput("missing_file", f"{path} not found") from None
+    except OSError as e:
+        raise BadInput("unreadable_mask", str(e)) from None
+    try:
+        im = open_image(raw, MASK_FORMATS)
+        im.load()
+    except BadInput as e:
+        raise BadInput("unreadable_mask" if e.reason == "unreadable_image" else e.reason, e.detail) from None
     except Exception as e:
         raise BadInput("unreadable_mask", f"{type(e).__name__}: {e}") from None
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):

@@ -131,7 +131,7 @@ class Picture:
                 and self.image.mode in ("RGB", "L"))
         if keep:
             return self.raw, self.format, h, w
-        img = self.image.convert("RGB")
+        img = Image.fromarray(rgb_array(self.image))
         if not same:
             img = img.resize((w, h), Image.BICUBIC)
         fmt = {"png": "PNG", "jpeg": "JPEG"}.get(opts.image_format, "JPEG" if self.format == "JPEG" else "PNG")
@@ -143,16 +143,52 @@ class Picture:
         return buf.getvalue(), fmt, h, w
 
 
+# Untrusted images are decoded only as these formats: Pillow tries no other plugin (no EPS, which would run
+# Ghostscript, no PSD, FITS, SGI, IM ...). Masks: PNG only.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MASK_FORMATS = ("PNG",)
+_MAGIC = {b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"%!PS": "EPS/PostScript",
+          b"\xc5\xd0\xd3\xc6": "EPS", b"8BPS": "PSD", b"SIMPLE": "FITS", b"\x01\xda": "SGI", b"Image type": "IM",
+          b"\x00\x00\x01\x00": "ICO", b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"RIFF": "WebP"}
+
+
+def open_image(data: bytes, formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
+    """Open image bytes as one of `formats` (header only: call .load() to decode, after checking its size).
+    Raises BadInput("unsupported_format") for another known format, BadInput("too_large") past Pillow's pixel cap,
+    BadInput("unreadable_image") otherwise."""
+    try:
+        return Image.open(io.BytesIO(data), formats=list(formats))
+    except Image.DecompressionBombError as e:  # Pillow's own cap on pixels
+        raise BadInput("too_large", str(e)) from None
+    except Exception as e:  # UnidentifiedImageError, or a damaged header of an accepted format
+        kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
+        accepted = ", ".join(formats)
+        if kind and kind.upper() not in formats:
+            raise BadInput("unsupported_format", f"a {kind} image; accepted: {accepted}") from None
+        raise BadInput("unreadable_image", f"{type(e).__name__}: {e} (accepted: {accepted})") from None
+
+
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """A decoded image as uint8 (H, W, 3) RGB. 16-bit and 32-bit grey values are scaled to 8 bits (a plain
+    convert("RGB") clips them: a 16-bit photo would come out almost white); other modes convert as Pillow does."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        a = (a / 257 if a.max() > 255 else a).clip(0, 255).round().astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    return np.array(im.convert("RGB"))
+
+
 def load_image(path: Path) -> Picture:
-    """Read and fully decode an image file; raises BadInput(missing_file | unreadable_image)."""
+    """Read and fully decode an image file (IMAGE_FORMATS); raises BadInput(missing_file | unreadable_image |
+    unsupported_format)."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise BadInput("missing_file", f"{path} not found") from None
     except OSError as e:
         raise BadInput("unreadable_image", str(e)) from None
+    img = open_image(raw)
     try:
-        img = Image.open(io.BytesIO(raw))
         img.load()  # a truncated file only fails here
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise BadInput("unreadable_image", f"{type(e).__name__}: {e}") from None
@@ -180,7 +216,8 @@ def make_row(id: str, picture: Picture, masks: list[tuple[np.ndarray, str]], cat
     """Validate masks against the image, resize, encode. masks: (bool (H, W), where it came from) per instance.
 
     Bad masks (other size, empty) go to `result.quarantine` one by one and the rest of the image is kept; an image
-    left with no instance is quarantined as `no_instances` and None is returned.
+    left with no instance is quarantined as `no_instances` and None is returned, unless every mask it lost was
+    below --min-area: a choice of the user, counted as skipped `below_min_area`, not quarantined.
     """
     h, w = picture.size
     kept = []
@@ -202,7 +239,10 @@ def make_row(id: str, picture: Picture, masks: list[tuple[np.ndarray, str]], cat
         else:
             result.bad(id, where, "empty_mask", f"empty after resize to {th}x{tw}", "instance")
     if not final:
-        result.bad(id, source, "no_instances", f"{len(masks)} mask(s) given, none usable")
+        if masks and not kept and len(masks) == sum(1 for m, _ in masks if m.shape == (h, w) and m.any()):
+            result.count("below_min_area")  # every mask was valid and filtered by the user's --min-area
+        else:
+            result.bad(id, source, "no_instances", f"{len(masks)} mask(s) given, none usable")
         return None
     return {"id": str(id), "image": data, "format": fmt, "height": th, "width": tw,
             "masks": encode_masks(final), "areas": [int(m.sum()) for m in final],

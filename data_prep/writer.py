@@ -153,6 +153,7 @@ def convert_all(tasks: list, fn: Callable[..., Result], opts: Options, out: Path
     counters: Counter = Counter(info.pop("_skipped", {}))  # what the source set aside while listing inputs
     reasons: Counter = Counter()
     sizes: set[tuple[int, int]] = set()
+    unique: set[tuple[str, str]] = set()  # (split, id): an image of both domains is two rows, one image
     bar = Progress(len(tasks), f"data_prep {info.get('source', '')}", progress)
     t0 = time.perf_counter()
     with open(out / "quarantine.jsonl", "w") as qf:
@@ -170,6 +171,7 @@ def convert_all(tasks: list, fn: Callable[..., Result], opts: Options, out: Path
                 c["instances"] += len(row["masks"])
                 hist[f"{split}/{domain}"][len(row["masks"])] += 1
                 sizes.add((row["height"], row["width"]))
+                unique.add((split, row["id"]))
             for q in res.quarantine:
                 note(q)
             counters.update(res.counters)
@@ -183,6 +185,7 @@ def convert_all(tasks: list, fn: Callable[..., Result], opts: Options, out: Path
         **info,
         "options": {"max_side": opts.max_side, "image_format": opts.image_format, "min_area": opts.min_area},
         "counts": {k: counts[k] for k in sorted(counts)},
+        "unique_images": len(unique),
         "image_size": {"min_hw": list(min(sizes)) if sizes else None, "max_hw": list(max(sizes)) if sizes else None,
                        "distinct": len(sizes)},
         "instances_histogram": {k: {str(n): hist[k][n] for n in sorted(hist[k])} for k in sorted(hist)},

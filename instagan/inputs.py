@@ -13,7 +13,6 @@ row whose image is null is not translated). Folder and COCO inputs are converted
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -23,10 +22,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from data_prep import coco, folder
-from data_prep.rows import Options, UsageError
+from data_prep.rows import BadInput, Options, UsageError, open_image, rgb_array
 from data_prep.writer import guarded
 from instagan.data import decode_masks
 
@@ -167,11 +165,14 @@ class BadRow(Exception):
 
 
 def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A ROWS row -> (uint8 (H, W, 3), bool (K, H, W)); raises BadRow(unreadable_image | bad_masks)."""
+    """A ROWS row -> (uint8 (H, W, 3), bool (K, H, W)); raises BadRow(unreadable_image | unsupported_format |
+    too_large | bad_masks). Images are decoded as PNG, JPEG or WebP only (data_prep.rows.open_image)."""
     try:
-        with Image.open(io.BytesIO(row["image"])) as im:
-            img = np.array(im.convert("RGB"))
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt bytes
+        with open_image(row["image"]) as im:
+            img = rgb_array(im)
+    except BadInput as e:
+        raise BadRow(e.reason, e.detail) from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on data corrupt past the header
         raise BadRow("unreadable_image", f"{type(e).__name__}: {e}") from None
     try:
         masks = decode_masks(row["masks"] or [], row["height"], row["width"])

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", choices=AMP, default="none", help="autocast dtype of the generator")
     p.add_argument("--max-instances", type=int, default=Limits.max_instances)
     p.add_argument("--max-bytes", type=int, default=Limits.max_bytes)
-    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="per image or mask")
+    p.add_argument("--max-request-pixels", type=int, default=Limits.max_request_pixels,
+                   help="image + all its masks, per request")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limits = Limits(args.max_bytes, args.max_instances, args.max_pixels)
+    limits = Limits(args.max_bytes, args.max_instances, args.max_pixels, args.max_request_pixels)
     try:
         app = build_app(args.checkpoint, args.direction, args.num_replicas, args.device, args.max_batch,
                         args.batch_wait_s, args.ins_max, args.ins_per, None if args.size == "model" else 0, limits,

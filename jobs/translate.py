@@ -31,7 +31,8 @@ translated | translated + masks. On a multi-node cluster the input and checkpoin
 Exit codes: 0 when the output holds the translation of at least one input (bad inputs are reported, not fatal);
 1 when no input could be translated; 2 when the inputs themselves are unusable (no such file, unknown kind...).
 
-Resuming: ids already present in --out's part files (their id column only is read) are not translated again; each
+Resuming: ids already present in --out's part files (their id column only is read) are not translated again (a
+part file that cannot be read is moved to <out>/unreadable/ and its ids are translated again); each
 run writes new part files (nothing is overwritten), each file written whole, so a crash loses at most the blocks
 in flight. Skipped inputs are retried (and reported again) on the next run.
 
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, batch_size=args.batch_size, rows_per_file=args.rows_per_file, amp=args.amp,
         png=args.png, progress=not args.no_progress)
     print(json.dumps(summary))
+    if summary["unreadable_parts"]:
+        print(f"[translate] {len(summary['unreadable_parts'])} unreadable part file(s) moved to {args.out}/unreadable "
+              f"and their ids translated again: {', '.join(summary['unreadable_parts'])}", file=sys.stderr)
     if summary["skipped"]:
         print(f"[translate] {summary['skipped']} input(s) skipped, reasons in "
               f"{args.out}/skipped-{summary['run']}.jsonl", file=sys.stderr)

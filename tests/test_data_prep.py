@@ -84,6 +84,10 @@ def test_coco_fruits_counts_equal_pycocotools(tmp_path):
         cat = coco.getCatIds(catNms=[name])
         assert totals(meta, dom) == (len(coco.getImgIds(catIds=cat)), len(coco.getAnnIds(catIds=cat)))
     assert set(meta["counts"]) == {"train/a", "train/b", "test/a", "test/b"}  # seeded hash split
+    # an image with dates and figs is a row of each domain but one image
+    both = set(coco.getImgIds(catIds=coco.getCatIds(catNms=["date"]))) & set(coco.getImgIds(
+        catIds=coco.getCatIds(catNms=["fig"])))
+    assert both and meta["unique_images"] == totals(meta, "a")[0] + totals(meta, "b")[0] - len(both)
     # round trip: every stored mask equals pycocotools' rasterisation of the same annotation, in json order
     row = next(r for r in rows(tmp_path, "train", "a") if r["id"] == "0")
     _, masks = read_sample(row)
@@ -210,7 +214,7 @@ def _save_png(path, arr):
     Image.fromarray(arr).save(path)
 
 
-def test_folder_bad_inputs_are_quarantined(tmp_path):
+def test_folder_bad_inputs_are_quarantined(tmp_path, capsys):
     root = tmp_path / "in"
     ok = []
     for i in range(3):  # three good images
@@ -237,12 +241,25 @@ def test_folder_bad_inputs_are_quarantined(tmp_path):
     _save_png(root / "trainA" / "nomask.png", img)
     _save_png(root / "trainA_seg" / "orphan_0.png", full)  # mask without image
     _save_png(root / "trainA" / "g0.jpg", img)  # duplicate id g0
-    rc, meta, q = run(["folder", root], tmp_path / "out")
+    (root / "trainA" / "eps.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n")
+    _save_png(root / "trainA_seg" / "eps_0.png", full)
+    _save_png(root / "trainA" / "gif.gif", img)  # a format no decoder is tried for
+    _save_png(root / "trainA_seg" / "gif_0.png", full)
+    _save_png(root / "trainA" / "jpgmask.png", img)
+    Image.fromarray(full).save(root / "trainA_seg" / "jpgmask_0.jpg", "JPEG")  # masks are PNG only
+    _save_png(root / "trainA" / "speck.png", img)
+    speck = np.zeros((32, 32), np.uint8)
+    speck[3, 3] = 255
+    _save_png(root / "trainA_seg" / "speck_0.png", speck)  # valid, below --min-area: skipped by choice
+    rc, meta, q = run(["folder", root, "--min-area", "2"], tmp_path / "out")
     assert rc == 0
     by = {(r["id"], r["reason"]) for r in q}
     assert {("garbage", "unreadable_image"), ("trunc", "unreadable_image"), ("size", "size_mismatch"),
             ("empty", "empty_mask"), ("empty", "no_instances"), ("nomask", "no_instances"),
-            ("orphan", "missing_file"), ("g0", "duplicate_id")} <= by
+            ("orphan", "missing_file"), ("g0", "duplicate_id"), ("eps", "unsupported_format"),
+            ("gif", "unsupported_format"), ("jpgmask", "unsupported_format")} <= by
+    assert "speck" not in {r["id"] for r in q} and meta["skipped"]["below_min_area"] == 1
+    assert "warning: split 'train' has 1 image(s) of domain b" in capsys.readouterr().out
     assert all(set(r) >= {"id", "source", "reason"} for r in q)
     # valid rows are never lost: the 3 good images, size.png with its one good mask, and the RGB-mask image of b
     assert meta["counts"]["train/a"] == {"images": 4, "instances": sum(ok) + 1}
@@ -329,6 +346,20 @@ def test_cli_help_and_module_entry():
     out = subprocess.run([sys.executable, "-m", "data_prep", "coco", "--help"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0 and "--exclusive" in out.stdout and "--max-side" in out.stdout
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    root = tmp_path / "in"
+    grey16 = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    _save_png(root / "trainA" / "g16.png", grey16)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    _save_png(root / "trainA_seg" / "g16_0.png", mask)
+    rc, meta, q = run(["folder", root], tmp_path / "out")
+    assert rc == 0 and q == [] and meta["counts"]["train/a"]["images"] == 1
+    img, masks = read_sample(rows(tmp_path / "out", "train", "a")[0])
+    np.testing.assert_array_equal(img[..., 1], np.round(grey16 / 257).astype(np.uint8))  # convert("RGB") clips
+    assert masks.shape == (1, 32, 32) and masks.sum() == 256
 
 
 def test_unreadable_image_reasons_read_the_same_every_time(tmp_path):

@@ -22,7 +22,8 @@ from jobs import serve_client
 from tests.conftest import tiny_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shp2gir_coco_sample"
-LIMITS = Limits(max_bytes=1_000_000, max_instances=8, max_pixels=400 * 400)  # the sample has up to 8 sheep
+# The sample has up to 8 sheep; its largest request (256 x 256, 8 masks) is 589,824 pixels.
+LIMITS = Limits(max_bytes=1_000_000, max_instances=8, max_pixels=400 * 400, max_request_pixels=640_000)
 MAX_BATCH = 4
 
 
@@ -30,9 +31,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def png(arr: np.ndarray) -> bytes:
+def png(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(arr).save(buf, format=fmt, **kw)
     return buf.getvalue()
 
 
@@ -105,10 +106,14 @@ def test_translates_real_photos_with_dynamic_batching(url):
         assert all(((a > 0) != (b > 0)).mean() < 0.01 for a, b in zip(masks_i, out_masks))
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
+
+
 def malformed(n: int = 50) -> list[tuple[str, dict, int]]:
     """n malformed /translate requests as (name, requests.post kwargs, expected status)."""
     image, masks = photo("1106")  # 256 x 256, 2 sheep
     small = png(np.zeros((32, 32), np.uint8))
+    rgb = np.zeros((64, 64, 3), np.uint8)
     big = png(np.zeros((500, 500, 3), np.uint8))  # few bytes, too many pixels
     truncated = image[: len(image) // 2]
     cases = [
@@ -134,6 +139,21 @@ def malformed(n: int = 50) -> list[tuple[str, dict, int]]:
         ("deeply nested JSON", {"data": b"[" * 100_000 + b"]" * 100_000}, 400),
         ("empty mask", {"json": {"image": b64(image), "masks": [b64(masks[0]), b64(png(np.zeros((256, 256),
                                                                                             np.uint8)))]}}, 422),
+        # formats no decoder is tried for (EPS would run Ghostscript where it is installed)
+        ("EPS image", {"json": {"image": b64(EPS), "masks": []}}, 415),
+        ("GIF image", {"json": {"image": b64(png(rgb, "GIF")), "masks": []}}, 415),
+        ("BMP image", {"json": {"image": b64(png(rgb, "BMP")), "masks": []}}, 415),
+        ("TIFF image", {"json": {"image": b64(png(rgb, "TIFF")), "masks": []}}, 415),
+        ("PSD header", {"json": {"image": b64(b"8BPS\x00\x01" + b"\x00" * 64), "masks": []}}, 415),
+        ("FITS header", {"json": {"image": b64(b"SIMPLE  =                    T" + b" " * 50), "masks": []}}, 415),
+        ("SGI header", {"json": {"image": b64(b"\x01\xda\x01\x01\x00\x03" + b"\x00" * 500), "masks": []}}, 415),
+        ("IM header", {"json": {"image": b64(b"Image type: RGB image\r\nName: x\r\n\x1a" + b"\x00" * 500),
+                                "masks": []}}, 415),
+        ("JPEG mask", {"json": {"image": b64(image), "masks": [b64(png(np.full((256, 256), 255, np.uint8),
+                                                                       "JPEG"))]}}, 415),
+        ("over the request pixel budget", {"json": {"image": b64(png(np.zeros((390, 390, 3), np.uint8))),
+                                                    "masks": [b64(png(np.full((390, 390), 255, np.uint8)))] * 4}},
+         413),
     ]
     return [cases[i % len(cases)] for i in range(n)]
 
@@ -141,20 +161,53 @@ def malformed(n: int = 50) -> list[tuple[str, dict, int]]:
 @pytest.mark.slow
 def test_malformed_requests_get_4xx_and_the_replica_survives(url):
     before = requests.get(f"{url}/healthz", timeout=30).json()
+    rss_before = rss_bytes(before["pid"])
     seen = set()
-    for name, kwargs, status in malformed(50):
+    for name, kwargs, status in malformed(1000):
         if "chunks" in kwargs:  # a generator body goes out chunked
             kwargs = {"data": iter(kwargs["chunks"])}
         r = requests.post(f"{url}/translate", timeout=60, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         assert r.json()["error"], name
         seen.add(name)
-    assert len(seen) == 21
+    assert len(seen) == 31
     image, masks = photo("1106")
     r = requests.post(f"{url}/translate", data=body(image, masks), timeout=120)
     assert r.status_code == 200 and len(r.json()["masks"]) == 2
     after = requests.get(f"{url}/healthz", timeout=30)
     assert after.status_code == 200 and after.json()["pid"] == before["pid"]  # the same replica process
+    grown = rss_bytes(before["pid"]) - rss_before
+    print(f"replica RSS {rss_before / 1e6:.0f} MB before 1000 malformed requests, {grown / 1e6:+.0f} MB after")
+    assert grown < 150e6, grown  # no request's pixels were decoded past its budget, nothing piles up
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a local process (the Serve replica runs on this machine)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_decoding_checks_every_header_and_the_request_budget_before_any_pixel():
+    from instagan.distributed.serve import BadRequest, decode_request
+
+    # A 16-bit grey image is scaled to 8 bits, not clipped to white.
+    grey16 = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    mask = png(np.pad(np.full((16, 16), 255, np.uint8), 24))
+    img, masks = decode_request(body(png(grey16), [mask]), LIMITS)
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
+    np.testing.assert_array_equal(img[..., 0], np.round(grey16 / 257).astype(np.uint8))
+    assert masks.shape == (1, 64, 64) and masks.sum() == 256
+    # Over the budget, refused from the headers: the masks' pixel data (cut off here) is never decoded.
+    cut = png(np.full((390, 390), 255, np.uint8))[:200]
+    with pytest.raises(BadRequest) as err:
+        decode_request(body(png(np.zeros((390, 390, 3), np.uint8)), [cut] * 4), LIMITS)
+    assert err.value.status == 413 and "640000" in err.value.message
+    with pytest.raises(BadRequest) as err:  # within the budget the same cut mask is found corrupt
+        decode_request(body(png(np.zeros((390, 390, 3), np.uint8)), [cut]), LIMITS)
+    assert err.value.status == 400 and "masks[0]" in err.value.message
+    with pytest.raises(BadRequest) as err:
+        decode_request(body(EPS, []), LIMITS)
+    assert err.value.status == 415 and "EPS" in err.value.message and "PNG" in err.value.message
 
 
 @pytest.mark.slow

@@ -189,6 +189,14 @@ def test_parquet_job_writes_every_id_once_resumes_and_reports_bad_rows(ray_local
     assert third["written"] == len(lost) and third["already_done"] == 7 - len(lost)
     assert sorted(read_output(out)["id"].to_pylist()) == sorted(sheep_ids())
 
+    files = sorted(p.name for p in out.glob("part-*.parquet"))
+    torn = pq.read_table(out / files[-1])["id"].to_pylist()  # a torn copy: the first half of a part file
+    (out / files[-1]).write_bytes((out / files[-1]).read_bytes()[:300])
+    fourth = run_job(*args)
+    assert fourth["unreadable_parts"] == [files[-1]] and (out / "unreadable" / files[-1]).exists()
+    assert fourth["written"] == len(torn) and fourth["already_done"] == 7 - len(torn)
+    assert sorted(read_output(out)["id"].to_pylist()) == sorted(sheep_ids())  # every id exactly once
+
 
 @pytest.mark.slow
 def test_folder_job_converts_on_the_fly_skips_a_corrupt_photo_and_writes_overlays(ray_local, ckpt, tmp_path):

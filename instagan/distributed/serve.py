@@ -5,15 +5,18 @@
     curl -s http://127.0.0.1:8000/healthz
     curl -s -X POST http://127.0.0.1:8000/translate -H 'Content-Type: application/json' -d @request.json
 
-POST /translate takes JSON {"image": "<base64 PNG/JPEG>", "masks": ["<base64 PNG>", ...]} (one mask per instance,
-the image's size; a pixel is an instance pixel when its brightest channel is >= 128; "masks" may be empty) and answers
+POST /translate takes JSON {"image": "<base64 PNG/JPEG/WebP>", "masks": ["<base64 PNG>", ...]} (one mask per
+instance, the image's size; a pixel is an instance pixel when its brightest channel is >= 128; "masks" may be empty;
+16-bit grey images are scaled to 8 bits) and answers
 {"image": "<base64 PNG>", "masks": [...], "translated": [bool, ...], "direction": "a2b", "batch": 3,
 "time_s": 0.41} (batch: the images in the model call that carried it; time_s: seconds in the replica): the
 translated image at the input's size and one mask per input mask (mask k translates input mask k; translated[k] is
 false for instances past --ins-max, which come back as sent; baselines: /healthz's mask_mode "union" answers one
-union mask, "none" the input masks). Errors answer {"error": "..."} with 400 (bad JSON,
+union mask, "none" the input masks). Errors answer {"error": "..."} with 400 (bad JSON, nested too deeply,
 missing or wrong-typed fields, not base64, not an image), 413 (body over --max-bytes, image or mask over
---max-pixels), 422 (mask size differs from the image, more than --max-instances masks) or 500 (the model failed on
+--max-pixels, image + masks over --max-request-pixels: all read from the headers before any pixel is decoded),
+415 (an image format other than PNG, JPEG, WebP, or a mask other than PNG: Pillow tries no other decoder), 422
+(mask size differs from the image, an empty mask, more than --max-instances masks) or 500 (the model failed on
 this request; other requests, and the replica, go on). GET /healthz answers 200 with the served direction.
 
 Every request is decoded and validated in the ingress before it joins a batch; `@serve.batch` hands up to
@@ -42,9 +45,10 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from ray import serve
 
+from data_prep.rows import IMAGE_FORMATS, MASK_FORMATS, BadInput, open_image, rgb_array
 from instagan.checkpoint import validate as validate_checkpoint
 from instagan.config import AMP, amp_dtype
 from instagan.infer import DIRECTIONS as DIRECTION_NETS
@@ -60,6 +64,9 @@ class Limits:
     max_bytes: int = 32 * 1024**2  # request body (base64 inflates files by 4/3)
     max_instances: int = 50  # masks per request
     max_pixels: int = 4096 * 4096  # per image or mask, checked from the header before decoding
+    # image + all its masks, checked from the headers before decoding: a replica's decoded input is at most
+    # max_batch x this (about 4 bytes a pixel in the model's float tensors)
+    max_request_pixels: int = 8 * 2048 * 2048
 
 
 class BadRequest(Exception):
@@ -71,7 +78,8 @@ class BadRequest(Exception):
 # ---- decoding and encoding (plain functions: no Ray needed to test them) --------------------------------------
 
 def _open(b64, what: str, limits: Limits) -> Image.Image:
-    """base64 text -> a decoded RGB image (what == "image") or an "L" mask plane; raises BadRequest."""
+    """base64 text -> an image opened from its header only (PNG, JPEG or WebP; masks PNG), its pixel count checked
+    against max_pixels; raises BadRequest."""
     if not isinstance(b64, str):
         raise BadRequest(400, f"{what}: expected a base64 string, got {type(b64).__name__}")
     try:
@@ -79,18 +87,21 @@ def _open(b64, what: str, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise BadRequest(400, f"{what}: not valid base64 ({e})") from None
     try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:  # PIL's own cap, far above the usual max_pixels
-        raise BadRequest(413, f"{what}: {e}") from None
-    except UnidentifiedImageError:
-        raise BadRequest(400, f"{what}: {len(data)} bytes that are not an image (PNG, JPEG, ...)") from None
-    except Exception as e:  # PIL raises several types for damaged headers
-        raise BadRequest(400, f"{what}: not a decodable image ({type(e).__name__}: {e})") from None
+        im = open_image(data, IMAGE_FORMATS if what == "image" else MASK_FORMATS)
+    except BadInput as e:
+        status = {"unsupported_format": 415, "too_large": 413}.get(e.reason, 400)
+        raise BadRequest(status, f"{what}: {len(data)} bytes, {e.reason}: {e.detail}") from None
     if im.width * im.height > limits.max_pixels:
         raise BadRequest(413, f"{what}: {im.width}x{im.height} is over the limit of {limits.max_pixels} pixels")
+    return im
+
+
+def _decode(im: Image.Image, what: str) -> np.ndarray:
+    """Decode an opened image: uint8 (H, W, 3) RGB for the image (16-bit grey scaled, not clipped), the brightest
+    channel (H, W) for a mask; raises BadRequest(400) for data that is corrupt past the header."""
     try:
         im.load()
-        return im.convert("RGB") if what == "image" else _mask_plane(im)
+        return rgb_array(im) if what == "image" else np.asarray(_mask_plane(im))
     except Exception as e:  # truncated or corrupt data past the header, or a mode that does not convert
         raise BadRequest(400, f"{what}: the image data is corrupt ({type(e).__name__}: {e})") from None
 
@@ -123,14 +134,21 @@ def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, 
         raise BadRequest(400, f"masks: expected a list of base64 strings, got {type(req['masks']).__name__}")
     if len(req["masks"]) > limits.max_instances:
         raise BadRequest(422, f"masks: {len(req['masks'])} instances, the limit is {limits.max_instances}")
-    img = np.array(_open(req["image"], "image", limits))
-    h, w = img.shape[:2]
-    masks = np.zeros((len(req["masks"]), h, w), bool)
-    for k, b64 in enumerate(req["masks"]):
-        im = _open(b64, f"masks[{k}]", limits)
+    # Every header first: the request's decoded size is known, and bounded, before any pixel is decoded.
+    img_im = _open(req["image"], "image", limits)
+    mask_ims = [_open(b64, f"masks[{k}]", limits) for k, b64 in enumerate(req["masks"])]
+    w, h = img_im.size
+    for k, im in enumerate(mask_ims):
         if im.size != (w, h):
             raise BadRequest(422, f"masks[{k}]: {im.height}x{im.width} differs from the image's {h}x{w}")
-        masks[k] = np.asarray(im) >= MASK_THRESHOLD
+    pixels = w * h * (1 + len(mask_ims))
+    if pixels > limits.max_request_pixels:
+        raise BadRequest(413, f"image and {len(mask_ims)} masks of {h}x{w} are {pixels} pixels, over the limit of "
+                              f"{limits.max_request_pixels} per request")
+    img = _decode(img_im, "image")
+    masks = np.zeros((len(mask_ims), h, w), bool)
+    for k, im in enumerate(mask_ims):
+        masks[k] = _decode(im, f"masks[{k}]") >= MASK_THRESHOLD
         if not masks[k].any():  # data_prep quarantines such masks too
             raise BadRequest(422, f"masks[{k}]: empty (no pixel >= {MASK_THRESHOLD}): send only masks of instances")
     try:

@@ -35,6 +35,7 @@ OUTPUT = pa.schema([
 ])
 ACTOR_OUT = OUTPUT.append(pa.field("problems", pa.string()))
 PART = re.compile(r"^part-.+\.parquet$")
+UNREADABLE = "unreadable"  # <out>/unreadable/: part files a resume could not read, moved aside
 
 
 def read_input(source: Source, skip_ids: Iterable[str] = ()):
@@ -147,13 +148,23 @@ class TranslateActor:
         return pa.Table.from_pylist(translate_rows(self.tr, rows, **self.kw), schema=ACTOR_OUT)
 
 
-def done_ids(out: str) -> set[str]:
-    """Ids already in --out's part files (only their id column is read)."""
+def done_ids(out: str) -> tuple[set[str], list[str]]:
+    """Ids already in --out's part files (only their id column is read), and the part files that could not be
+    read (a torn copy, a truncated upload): those are moved aside to <out>/unreadable/, so that their ids are
+    translated again and later resumes do not trip over them. -> (ids, names moved aside)."""
     fs, base = filesystem(out)
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return set()
-    files = [f.path for f in fs.get_file_info(pafs.FileSelector(base)) if PART.match(f.base_name)]
-    return {i for f in files for i in pq.read_table(f, columns=["id"], filesystem=fs)["id"].to_pylist()}
+        return set(), []
+    ids, moved = set(), []
+    for f in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base)) if PART.match(i.base_name)):
+        try:
+            ids.update(pq.read_table(f, columns=["id"], filesystem=fs)["id"].to_pylist())
+        except (pa.ArrowException, OSError, KeyError):  # not Parquet, truncated, or without an id column
+            name = f.rsplit("/", 1)[-1]
+            fs.create_dir(f"{base}/{UNREADABLE}", recursive=True)
+            fs.move(f, f"{base}/{UNREADABLE}/{name}")
+            moved.append(name)
+    return ids, moved
 
 
 def make_sink(out: str, run: str, rows_per_file: int):
@@ -214,11 +225,12 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
     t0 = time.perf_counter()
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     checkpoint = str(Path(checkpoint).resolve()) if "://" not in checkpoint else checkpoint
-    done = done_ids(out)
+    done, moved = done_ids(out)
     ids = source.ids()
     todo = [i for i in ids if i not in done]
     summary = {"run": run, "kind": source.kind, "domain": source.domain, "direction": direction, "out": out,
-               "checkpoint": checkpoint, "size": size, "inputs": len(ids), "already_done": len(ids) - len(todo)}
+               "checkpoint": checkpoint, "size": size, "inputs": len(ids), "already_done": len(ids) - len(todo),
+               "unreadable_parts": moved}
     problems = list(source.problems)
     returns = []
     if todo:
