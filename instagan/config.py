@@ -67,6 +67,9 @@ class LossConfig:
     # beyond the paper (0 = off): a segmenter trained on real images must find the translated masks' union in the
     # translated image, within the pixels the chunk may change (instagan.networks.Segmenter)
     lambda_seg: float = 0.0
+    # beyond the paper (0 = off): context loss inside the objects too, where a pixel is the same instance before and
+    # after (input mask and its translation): for translations that change shapes, not appearance
+    lambda_keep: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "da
 # be finite. Keys not listed take any value of their type (seed) or are checked in __post_init__ (run.*).
 _RANGES: dict[str, tuple[float, bool]] = {
     "model.ngf": (1, True), "model.ndf": (1, True), "model.n_blocks": (0, True),
-    **{f"loss.{k}": (0.0, True) for k in ("lambda_cyc", "lambda_idt", "lambda_ctx", "lambda_gan", "lambda_seg")},
+    **{f"loss.{k}": (0.0, True) for k in ("lambda_cyc", "lambda_idt", "lambda_ctx", "lambda_gan", "lambda_seg",
+                                                  "lambda_keep")},
     **{f"train.{k}": (0.0, False) for k in ("lr_g", "lr_d", "lr_s")},
     "train.beta1": (0.0, True), "train.beta2": (0.0, True),
     "train.epochs": (0, True), "train.epochs_decay": (0, True), "train.pool_size": (0, True),

@@ -84,6 +84,14 @@ def context_weight(masks: Tensor, valid: Tensor, out_masks: Tensor, out_valid: T
     return 1 - union(torch.cat([masks, out_masks], 1), torch.cat([valid, out_valid], 1))
 
 
+def keep_weight(masks: Tensor, valid: Tensor, out_masks: Tensor) -> Tensor:
+    """Where an instance stays itself: sum over valid instances n of relu(mask_n) * relu(translated mask_n),
+    clamped to 1 (1 inside both an input mask and its own translation, 0 outside either).
+    (B, N, H, W), (B, N), (B, N, H, W) -> (B, 1, H, W)."""
+    both = masks.float().clamp(min=0) * out_masks.float().clamp(min=0) * valid[:, :, None, None].float()
+    return both.sum(1, keepdim=True).clamp(max=1)
+
+
 def pad_sets(sets: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Mask sets of different sizes [(K_i, H, W)] -> (B, N, H, W) masks, (B, N) valid: each set in its own order,
     padded to N = max(1, max K_i) with invalid empty (-1) slots; on the sets' device and dtype."""

@@ -197,7 +197,8 @@ def _segmenter_step(state: "TrainState", a: dict[str, Tensor], b: dict[str, Tens
 
 
 def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, masks: Tensor, valid: Tensor,
-                        active: Tensor, S: nn.Module | None = None) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+                        active: Tensor, S: nn.Module | None = None,
+                        keep: bool = False) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
     """GAN, cycle and context losses of direction x -> y for one chunk (and with S the segmentation consistency):
     G translates, F translates back, D and S (underlying modules; no gradient reaches their parameters) judge y'
     (D with every mask translated so far).
@@ -220,6 +221,8 @@ def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, 
     }
     if S is not None:
         per["seg"] = seg_consistency(S, fake_img, masks, valid, fake_masks)
+    if keep:  # the image follows the masks: the weight is a fixed target, as in seg_consistency
+        per["keep"] = L.context(d.x, fake_img, M.keep_weight(masks, valid, fake_masks.detach()))
     return {k: L.weighted_mean(v, active) for k, v in per.items()}, (fake_img, fake_masks)
 
 
@@ -264,12 +267,15 @@ def _generator_pass(nets: dict[str, nn.Module], lam, k: str, kind: str, d: Direc
     if kind == "idt":
         idt = _identity_loss(F, d, masks, valid, active)
         return lam.lambda_idt * idt, {f"loss/idt_{k[::-1]}": idt}, None
-    terms, out = _translation_losses(G, F, D, d, masks, valid, active, S)
+    terms, out = _translation_losses(G, F, D, d, masks, valid, active, S, keep=lam.lambda_keep > 0)
     loss = lam.lambda_gan * terms["gan"] + lam.lambda_cyc * terms["cyc"] + lam.lambda_ctx * terms["ctx"]
     named = {f"loss/G_gan_{k}": terms["gan"], f"loss/cyc_{k[0]}": terms["cyc"], f"loss/ctx_{k}": terms["ctx"]}
     if S is not None:
         loss = loss + lam.lambda_seg * terms["seg"]
         named[f"loss/seg_{k}"] = terms["seg"]
+    if "keep" in terms:
+        loss = loss + lam.lambda_keep * terms["keep"]
+        named[f"loss/keep_{k}"] = terms["keep"]
     return loss, named, out
 
 

@@ -85,3 +85,18 @@ def test_collate_pads_and_sorts():
     assert batch["masks"].shape == (2, 2, 4, 4)
     assert batch["valid"].tolist() == [[True, True], [False, False]]
     assert M.areas(batch["masks"], batch["valid"]).tolist() == [[16, 1], [0, 0]]
+
+
+def test_keep_weight_is_one_where_an_instance_stays_itself():
+    masks = torch.full((1, 2, 4, 4), -1.0)
+    masks[0, 0, :2, :2] = 1  # instance 0: top-left
+    masks[0, 1, 2:, 2:] = 1  # instance 1 (a padding slot below)
+    out = torch.full((1, 2, 4, 4), -1.0)
+    out[0, 0, :2, :3] = 1  # instance 0 grows right
+    out[0, 1, :2, :2] = 1  # "instance 1" moves onto instance 0's place: not itself there
+    w = M.keep_weight(masks, torch.tensor([[True, False]]), out)
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, :2, :2] = 1
+    assert torch.equal(w, expected)
+    w_both = M.keep_weight(masks, torch.tensor([[True, True]]), out)
+    assert torch.equal(w_both, expected)  # instance 1's input and translation do not overlap

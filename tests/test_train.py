@@ -28,10 +28,10 @@ def test_chunks_follow_decreasing_area(monkeypatch):
     seen = {"ab": [], "ba": []}
     real = T._translation_losses
 
-    def spy(G, F, D, d, masks, valid, active, S=None):
+    def spy(G, F, D, d, masks, valid, active, *args, **kwargs):
         key = "ab" if d.real is state_dirs["a"] else "ba"
         seen[key].append(M.areas(masks, valid).clone())
-        return real(G, F, D, d, masks, valid, active, S)
+        return real(G, F, D, d, masks, valid, active, *args, **kwargs)
 
     monkeypatch.setattr(T, "_translation_losses", spy)
     state = T.TrainState.create(tiny_cfg(ins_max=5, ins_per=2))
@@ -270,3 +270,18 @@ def test_segmenter_learns_the_foreground_inside_training():
     state = T.TrainState.create(cfg)
     losses = [T.train_step(state, *batches(i % 3, n=4))["loss/S"] for i in range(30)]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3, losses
+
+
+def test_keep_loss_is_reported_and_pulls_the_kept_interior_towards_the_input():
+    cfg = tiny_cfg().replace(**{"loss.lambda_keep": 10.0})
+    state = T.TrainState.create(cfg)
+    metrics = T.train_step(state, *batches(0))
+    assert metrics["loss/keep_ab"] > 0 and metrics["loss/keep_ba"] > 0
+    assert "loss/keep_ab" not in T.train_step(T.TrainState.create(tiny_cfg()), *batches(0))
+    G, F, D = state.nets["G_ab"], state.nets["G_ba"], state.nets["D_b"]
+    a = T.prepare_batch(batches(1)[0], 4, state.device)
+    d = T.Direction(a, a["img"])
+    terms, (y, b) = T._translation_losses(G, F, D, d, a["masks"], a["valid"], a["valid"].any(1), keep=True)
+    (grad,) = torch.autograd.grad(terms["keep"], y)
+    w = M.keep_weight(a["masks"], a["valid"], b.detach())
+    assert (grad.abs().sum(1, keepdim=True)[w == 0] == 0).all() and grad.abs().sum() > 0
