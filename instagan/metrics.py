@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -334,7 +335,8 @@ def load_split(root: str | Path, split: str, domain: str, size: int, limit: int 
         try:
             img, m = ds[i]
         except Exception as e:  # one bad row must not stop the evaluation
-            skipped.append({"domain": domain, "id": ds.ids[i], "reason": f"{type(e).__name__}: {e}"})
+            reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")  # the same text every time
+            skipped.append({"domain": domain, "id": ds.ids[i], "reason": reason})
             continue
         if m.shape[0] == 0:
             skipped.append({"domain": domain, "id": ds.ids[i], "reason": f"no instance left at {size}x{size}"})
