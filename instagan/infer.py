@@ -195,10 +195,11 @@ class Translator:
     def _translate_group(self, items: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int],
                          native: bool) -> list[ArrayTranslation]:
         samples = []
-        for img, masks in items:
+        for img, masks in items:  # one channel group at a time: at most the image and one mask at full size in float
             x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(127.5).sub(1)
-            m = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)).float().mul(2).sub(1)
-            samples.append(_to_shape(torch.cat([x, m]), shape, native).split([3, len(masks)]))
+            m = [_to_shape(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None].float().mul(2).sub(1),
+                           shape, native) for mask in masks]
+            samples.append((_to_shape(x, shape, native), torch.cat(m) if m else torch.zeros(0, *shape)))
         # Padded in input slot order (M.collate would sort by area, and results map back by slot).
         masks_b, valid_b = M.pad_sets([m for _, m in samples])
         out = self.translate(torch.stack([x for x, _ in samples]), masks_b, valid_b)
@@ -211,8 +212,10 @@ class Translator:
                 out_masks, translated = np.asarray(masks, dtype=bool), np.zeros(k, dtype=bool)
             else:
                 kk = k if self.mask_mode == "instances" else 1
-                back = _from_shape(torch.cat([out.img[j], out.masks[j, :kk]]).cpu(), (h, w), native)
-                y, out_masks = back[:3], (back[3:] > 0).numpy()
+                y = _from_shape(out.img[j].cpu(), (h, w), native)
+                out_masks = np.zeros((kk, h, w), dtype=bool)  # compact: each mask resized back and thresholded alone
+                for n in range(kk):
+                    out_masks[n] = (_from_shape(out.masks[j, n:n + 1].cpu(), (h, w), native)[0] > 0).numpy()
                 translated = out.valid[j, :kk].cpu().numpy().copy()
                 if self.mask_mode == "instances":  # untranslated slots (past ins_max) keep their input mask
                     out_masks[~translated] = np.asarray(masks, dtype=bool)[~translated]
