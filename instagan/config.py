@@ -49,6 +49,9 @@ class ModelConfig:
     paint: str = "direct"  # the image decoder's output is the image ("direct"), a change of it ("residual"), a
     # colour with a copy gate ("gated"), or a change of the input with each object grown in its own colour ("extend")
     upsample: str = "deconv"  # "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv 3x3)
+    # the image follows the translated masks where they are > 0 (as the metrics read them), not in proportion to
+    # their soft values: composite, mask_cond and paint "extend" see them thresholded (they are detached there)
+    sharp: bool = False
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
 

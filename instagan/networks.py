@@ -182,17 +182,19 @@ class SetGenerator(nn.Module):
       painting as in GANimation); measured to collapse to a = 1, copying the input everywhere (README "Quality").
       "extend": residual around `extend_colours` (detached translated masks) instead of the input: where a shape
       grows, the change starts from the object's own mean colour, not from the background.
+    - sharp: composite, mask_cond and "extend" see the translated masks thresholded at 0 (+1 inside, -1 outside)
+      instead of their soft values, so a corner the mask adds is painted fully, not in proportion to a mask of 0.3.
     - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
     """
 
     mask_mode = "instances"  # one translated mask per input slot (ImageGenerator: "none" or "union")
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
-                 mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct"):
+                 mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False):
         super().__init__()
         if paint not in PAINT:
             raise ValueError(f"unknown paint {paint!r}, expected one of {PAINT}")
-        self.composite, self.mask_cond, self.paint = composite, mask_cond, paint
+        self.composite, self.mask_cond, self.paint, self.sharp = composite, mask_cond, paint, sharp
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
         self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
         # g_GX on [f_GX(x); s] (+ one gate channel)
@@ -213,8 +215,13 @@ class SetGenerator(nn.Module):
         if valid.any():
             masks_out = masks_out.masked_scatter(valid[:, :, None, None].expand_as(masks_out), dec)
         feat = torch.cat([feat_img, feat_set], 1)
+        # what the image follows: the translated masks, detached (image losses must not move them through it; they
+        # learn to grow over whatever the generator paints, measured), thresholded with `sharp`
+        follow = masks_out.detach()
+        if self.sharp:
+            follow = torch.where(follow > 0, 1.0, -1.0).to(follow.dtype)
         if self.mask_cond:
-            cond = torch.cat([paint_weight(masks, valid), paint_weight(masks_out.detach(), valid)], 1)
+            cond = torch.cat([paint_weight(masks, valid), paint_weight(follow, valid)], 1)
             img_out = self.dec_img(feat, cond)
         else:
             img_out = self.dec_img(feat)
@@ -223,15 +230,13 @@ class SetGenerator(nn.Module):
         if self.paint == "residual":
             img_out = (img.float() + 2 * img_out.float()).clamp(-1, 1)  # images stay in [-1, 1]
         elif self.paint == "extend":
-            base = extend_colours(img, masks, valid, masks_out.detach())
+            base = extend_colours(img, masks, valid, follow)
             img_out = (base + 2 * img_out.float()).clamp(-1, 1)
         elif self.paint == "gated":
             keep = (img_out[:, -1:].float() + 1) / 2  # tanh -> [0, 1]
             img_out = keep * img.float() + (1 - keep) * img_out[:, :-1].float()
         if self.composite:
-            # Detached: image losses must not move the masks through u (they learn to grow over whatever the
-            # generator paints, measured), the image follows the masks.
-            u = paint_weight(torch.cat([masks, masks_out.detach()], 1), torch.cat([valid, valid], 1))
+            u = paint_weight(torch.cat([masks, follow], 1), torch.cat([valid, valid], 1))
             img_out = img.float() * (1 - u) + img_out.float() * u
         return img_out, masks_out
 
@@ -386,7 +391,7 @@ def build_generator(model) -> nn.Module:
     """G of a `ModelConfig`: InstaGAN's SetGenerator or an ablation baseline's ImageGenerator."""
     if model.arch == "instagan":
         return SetGenerator(model.ngf, model.n_blocks, composite=model.composite, mask_cond=model.mask_cond,
-                            upsample=model.upsample, paint=model.paint)
+                            upsample=model.upsample, paint=model.paint, sharp=model.sharp)
     if model.arch in ("cyclegan", "cyclegan_seg"):
         return ImageGenerator(model.ngf, model.n_blocks, seg=model.arch == "cyclegan_seg", upsample=model.upsample)
     raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")

@@ -311,3 +311,35 @@ def test_extend_grows_each_object_in_its_own_colour_and_keeps_every_other_pixel(
     y, b = G(img, masks, valid)
     u = paint_weight(torch.cat([masks, b], 1), torch.cat([valid, valid], 1))
     torch.testing.assert_close(y, img * (1 - u) + extend_colours(img, masks, valid, b) * u, rtol=0, atol=1e-6)
+
+
+def test_sharp_paints_every_pixel_the_translated_mask_claims_in_full():
+    """With `sharp` the image follows the translated masks where they are > 0, as the metrics read them: with the
+    image decoder at 0, every pixel a translated mask adds (however soft, e.g. 0.2) takes its object's colour in
+    full, every pixel no mask claims is the input's, and the result is a thresholded `extend_colours`. Without
+    `sharp` the same weights paint a pixel at 0.2 only in part."""
+    from instagan.networks import extend_colours
+
+    torch.manual_seed(0)
+    batch = make_batch("a", 2, 32, ins=(1, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    G = SetGenerator(ngf=4, n_blocks=1, composite=True, mask_cond=True, paint="extend", sharp=True).eval()
+    with torch.no_grad():
+        G.dec_img.out[1].weight.zero_()
+        G.dec_img.out[1].bias.zero_()
+        G.dec_mask[-2].bias += 0.3  # masks grow; their new edges are soft
+        y, b = G(img, masks, valid)
+        G.sharp = False
+        y_soft, b_soft = G(img, masks, valid)
+    assert torch.equal(b, b_soft)
+    v = valid[:, :, None, None]
+    added = (((b > 0) & v).any(1) & ~((masks > 0) & v).any(1))
+    soft = added & (((b > 0) & (b < 0.9)) & v).any(1)
+    assert soft.any()
+    hard = torch.where(b > 0, 1.0, -1.0)
+    torch.testing.assert_close(y, extend_colours(img, masks, valid, hard) * added[:, None]
+                               + img * ~added[:, None], rtol=0, atol=1e-6)
+    none = ~(((b > 0) | (masks > 0)) & v).any(1)
+    assert none.any() and torch.equal(y.permute(0, 2, 3, 1)[none], img.permute(0, 2, 3, 1)[none])
+    gap = (y - y_soft).abs().amax(1)
+    assert gap[soft].max() > 0.05
