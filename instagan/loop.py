@@ -171,6 +171,7 @@ class _Run:
                     if rank0 and r.val_every else None)
         self.classifier = _classifier(r.classifier, self.state.device) if self.val is not None else None
         self.window = Window()
+        self.progress = Progress(cfg, budget_cpu_s, self.clock, self.state.step)
         self.last_report = time.monotonic()
         self.first, self.trained, self.stop = True, False, False
 
@@ -242,6 +243,7 @@ class _Run:
         if self.on_step is not None:
             self.on_step(st, host.rank)
         if last:  # the epoch ends with this batch: its checkpoint resumes at the next epoch
+            self.progress.epoch_done(seen)
             self._end_epoch()
         self.stop = self.finished()
         with self.clock.paused():  # grids, checkpoints and validation are not training
@@ -265,6 +267,8 @@ class _Run:
             out.update(from_rank0(self._validate() if host.rank == 0 else {}))
         if self.log is not None:
             self.log.scalars({**out, **{f"time/{k}": v for k, v in self.clock.read().items()}}, st.step)
+            if "time/step_s" in out:  # steps were taken since the last line
+                print(self.progress.line(out), flush=True)
         if due_ckpt:
             self._checkpoint(out)
         elif to_report or due_val:
@@ -304,6 +308,54 @@ class _Run:
 
 
 # ---- pieces of the loop ------------------------------------------------------------------------------------
+
+class Progress:
+    """The line rank 0 prints every run.log_every steps: where the run stands against its end (steps, or CPU-seconds
+    of a budget), the epoch, samples/s, the main losses, wall time elapsed in this process and an ETA from its pace.
+    The total of an epoch-bound run is known once an epoch has ended (until then: run.max_steps, if set)."""
+
+    LOSSES = (("G", "loss/G"), ("D_a", "loss/D_a"), ("D_b", "loss/D_b"))
+
+    def __init__(self, cfg: Config, budget_cpu_s: float | None, clock: Clock, step: int):
+        self.cfg, self.budget, self.clock = cfg, budget_cpu_s, clock
+        self.step0, self.cpu0, self.wall0 = step, clock.cpu(), time.monotonic()
+        self.per_epoch = 0
+
+    def epoch_done(self, batches: int) -> None:
+        self.per_epoch = self.per_epoch or batches
+
+    def total(self) -> int | None:
+        t, max_steps = self.cfg.train, self.cfg.run.max_steps
+        by_epochs = (t.epochs + t.epochs_decay) * self.per_epoch if self.per_epoch else None
+        return min(by_epochs or max_steps, max_steps) if max_steps > 0 else by_epochs
+
+    def line(self, metrics: dict[str, float]) -> str:
+        step, t = int(metrics["step"]), self.cfg.train
+        elapsed = time.monotonic() - self.wall0
+        if self.budget:
+            cpu = self.clock.cpu()
+            done, left = cpu - self.cpu0, self.budget - cpu
+            where = f"step {step}, {cpu / self.budget:.0%} of {self.budget:.0f} CPU-s"
+        else:
+            total = self.total()
+            done, left = step - self.step0, (total - step if total else None)
+            where = f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}"
+        eta = _duration(elapsed * left / done) if done > 0 and left is not None else "?"
+        parts = [where, f"epoch {int(metrics['epoch']) + 1}/{t.epochs + t.epochs_decay}"]
+        if "perf/samples_per_s" in metrics:
+            parts.append(f"{metrics['perf/samples_per_s']:.2f} samples/s")
+        losses = " ".join(f"{name} {metrics[k]:.3f}" for name, k in self.LOSSES if k in metrics)
+        return "[instagan] " + " | ".join([*parts, *([losses] if losses else []),
+                                           f"{_duration(elapsed)} elapsed", f"ETA {eta}"])
+
+
+def _duration(seconds: float) -> str:
+    """7 -> '7s', 130 -> '2m10s', 7300 -> '2h01m'."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
 
 class Clock:
     """Process CPU seconds and wall seconds since creation, minus the time spent inside `paused()`."""
@@ -442,15 +494,15 @@ class RankZeroLog:
     def images(self, state: TrainState) -> Path | None:
         if not self.samples["a"] or state.step == self.last_image_step:
             return None
-        grids = visual.training_grids(state.nets, {d: M.collate(s) for d, s in self.samples.items()},
+        cells = visual.training_cells(state.nets, {d: M.collate(s) for d, s in self.samples.items()},
                                       self.cfg.train.ins_max, self.cfg.train.ins_per)
-        for d, grid in grids.items():
-            self.writer.add_image(f"samples/{d}2{'b' if d == 'a' else 'a'}", grid, state.step)
+        for d, rows in cells.items():
+            self.writer.add_image(f"samples/{d}2{'b' if d == 'a' else 'a'}", visual.cells_image(rows), state.step)
         self.writer.flush()
         self.last_image_step = state.step
-        return visual.save_png(visual.stack_grids(list(grids.values())),
-                               self.folder / "samples" / f"step_{state.step:06d}.png",
-                               scale=max(1, 128 // self.cfg.data.size))
+        scale = max(1, 128 // self.cfg.data.size)
+        return visual.save_png(visual.labelled_training_grid(cells, scale),
+                               self.folder / "samples" / f"step_{state.step:06d}.png")
 
     def close(self) -> None:
         self.writer.close()

@@ -1,13 +1,14 @@
 """Image grids for people: real, translated and reconstructed images, each beside a copy with its masks overlaid.
 
     grid = translation_grid(G_ab, G_ba, batch_a, ins_max=4, ins_per=2)   # (3, rows * H, 6 * W) in [0, 1]
-    save_png(grid, "samples/step_000100.png")
     writer.add_image("samples/a2b", grid, step)                          # TensorBoard takes CHW in [0, 1]
+    cells = training_cells(nets, {"a": batch_a, "b": batch_b}, 4, 2)
+    save_png(labelled_training_grid(cells, scale=2), "samples/step_000100.png")   # with column and row names
 
-Columns, per input image (one row each): real | real + masks | translated | translated + masks | reconstructed |
-reconstructed + masks. Translation runs the sequential inference loop (instagan.infer.Translator: largest instances
-first, `ins_per` at a time); reconstruction translates the output back with the other generator. Instance n gets
-colour n of PALETTE in every column, so a person can follow an instance through the cycle. No Ray here.
+Columns, per input image (one row each): input | input + masks | translated | translated + masks | reconstructed |
+reconstructed + masks (COLUMNS). Translation runs the sequential inference loop (instagan.infer.Translator: largest
+instances first, `ins_per` at a time); reconstruction translates the output back with the other generator.
+Instance n gets colour n of PALETTE in every column, so a person can follow an instance through the cycle. No Ray.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.utils import draw_segmentation_masks
 
 from instagan.infer import Translator
 
@@ -35,35 +37,45 @@ def to_unit(img: Tensor) -> Tensor:
 
 
 def overlay(img: Tensor, masks: Tensor, valid: Tensor, alpha: float = ALPHA) -> Tensor:
-    """Colour each valid instance over the image: (3, H, W) in [-1, 1], (N, H, W) in [-1, 1], (N,) -> (3, H, W)
-    in [0, 1]. Soft masks blend in proportion to (mask + 1) / 2; later instances paint over earlier ones."""
+    """Colour each valid instance over the image (torchvision's draw_segmentation_masks): (3, H, W) in [-1, 1],
+    (N, H, W) in [-1, 1], (N,) -> (3, H, W) in [0, 1]. A pixel is an instance's where its mask is > 0, as the
+    metrics read masks; instance n gets PALETTE[n]; pixels of two instances at once are drawn dark."""
     out = to_unit(img).cpu()
-    for n in valid.nonzero().flatten().tolist():
-        w = alpha * to_unit(masks[n]).cpu()[None]
-        out = out * (1 - w) + PALETTE[n % len(PALETTE)][:, None, None] * w
-    return out
+    keep = valid.bool().cpu().nonzero().flatten().tolist()
+    if not keep:
+        return out
+    colours = [tuple(int(round(255 * c)) for c in PALETTE[n % len(PALETTE)].tolist()) for n in keep]
+    return draw_segmentation_masks(out, masks.cpu()[keep] > 0, alpha=alpha, colors=colours)
 
 
-def rows_grid(stages: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-    """One row per image, two columns per stage (image, image + masks).
+COLUMNS = ("input", "input + masks", "translated", "translated + masks", "reconstructed", "reconstructed + masks")
 
-    stages: [(img (B, 3, H, W), masks (B, N, H, W), valid (B, N)), ...] -> (3, B * H, 2 * len(stages) * W)."""
+
+def rows_cells(stages: list[tuple[Tensor, Tensor, Tensor]]) -> list[list[Tensor]]:
+    """One row per image, two cells per stage (image, image + masks), each (3, H, W) in [0, 1] on the CPU.
+    stages: [(img (B, 3, H, W), masks (B, N, H, W), valid (B, N)), ...]."""
     rows = []
     for i in range(stages[0][0].shape[0]):
         cells = []
         for img, masks, valid in stages:
             cells += [to_unit(img[i]).cpu(), overlay(img[i], masks[i], valid[i])]
-        rows.append(torch.cat(cells, dim=2))
-    return torch.cat(rows, dim=1)
+        rows.append(cells)
+    return rows
+
+
+def cells_image(rows: list[list[Tensor]]) -> Tensor:
+    """Rows of equal cells (3, H, W) as one unlabelled image (3, rows * H, columns * W), e.g. for TensorBoard."""
+    return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
 @torch.no_grad()
-def translation_grid(G: nn.Module, F: nn.Module, batch: dict[str, Tensor], ins_max: int, ins_per: int,
-                     max_rows: int = 4) -> Tensor:
-    """real | translated by G | reconstructed by F, for the first `max_rows` images of `batch`.
+def translation_cells(G: nn.Module, F: nn.Module, batch: dict[str, Tensor], ins_max: int, ins_per: int,
+                      max_rows: int = 4) -> list[list[Tensor]]:
+    """real | translated by G | reconstructed by F (each alone and with its masks: the COLUMNS), for the first
+    `max_rows` images of `batch`: rows of 6 cells (3, H, W) in [0, 1], on the CPU.
 
     G, F: generators (DDP-wrapped or not); their train/eval mode is left as it was. batch: {"img", "masks",
-    "valid"} in instagan.masks conventions. -> (3, rows * H, 6 * W) in [0, 1], on the CPU."""
+    "valid"} in instagan.masks conventions."""
     G, F = getattr(G, "module", G), getattr(F, "module", F)
     modes = (G.training, F.training)
     device = next(G.parameters()).device
@@ -75,25 +87,29 @@ def translation_grid(G: nn.Module, F: nn.Module, batch: dict[str, Tensor], ins_m
     finally:
         G.train(modes[0])
         F.train(modes[1])
-    return rows_grid([(img, masks, valid), (fake.img, fake.masks, fake.valid), (rec.img, rec.masks, rec.valid)])
+    return rows_cells([(img, masks, valid), (fake.img, fake.masks, fake.valid), (rec.img, rec.masks, rec.valid)])
 
 
-def training_grids(nets: dict[str, nn.Module], batches: dict[str, dict[str, Tensor]], ins_max: int,
-                   ins_per: int) -> dict[str, Tensor]:
-    """A training run's sample grids: {"a": a -> b -> a of batches["a"], "b": b -> a -> b of batches["b"]}, the
-    first VIS_ROWS images each; nets: G_ab and G_ba (DDP-wrapped or not)."""
+def translation_grid(G: nn.Module, F: nn.Module, batch: dict[str, Tensor], ins_max: int, ins_per: int,
+                     max_rows: int = 4) -> Tensor:
+    """`translation_cells` as one unlabelled image (TensorBoard): (3, rows * H, 6 * W) in [0, 1]."""
+    return cells_image(translation_cells(G, F, batch, ins_max, ins_per, max_rows))
+
+
+def training_cells(nets: dict[str, nn.Module], batches: dict[str, dict[str, Tensor]], ins_max: int,
+                   ins_per: int) -> dict[str, list[list[Tensor]]]:
+    """A training run's samples: {"a": a -> b -> a of batches["a"], "b": b -> a -> b of batches["b"]}, the first
+    VIS_ROWS images each, as `translation_cells`; nets: G_ab and G_ba (DDP-wrapped or not)."""
     pairs = {"a": (nets["G_ab"], nets["G_ba"]), "b": (nets["G_ba"], nets["G_ab"])}
-    return {d: translation_grid(G, F, batches[d], ins_max, ins_per, VIS_ROWS) for d, (G, F) in pairs.items()}
+    return {d: translation_cells(G, F, batches[d], ins_max, ins_per, VIS_ROWS) for d, (G, F) in pairs.items()}
 
 
-def stack_grids(grids: list[Tensor], gap: int = 4) -> Tensor:
-    """Grids of equal width one above the other with a white gap: [(3, H_i, W)] -> (3, sum H_i + gaps, W)."""
-    parts = []
-    for i, g in enumerate(grids):
-        if i:
-            parts.append(torch.ones(3, gap, g.shape[2]))
-        parts.append(g)
-    return torch.cat(parts, dim=1)
+def labelled_training_grid(cells: dict[str, list[list[Tensor]]], scale: int = 1) -> Tensor:
+    """The PNG a person opens: both directions' rows under a header naming the COLUMNS, each row named by its
+    direction ("a -> b -> a" or "b -> a -> b"). -> (3, H', W') in [0, 1]."""
+    names = {"a": "a -> b -> a", "b": "b -> a -> b"}
+    rows = [row for d in cells for row in cells[d]]
+    return labelled_grid(rows, list(COLUMNS), [names[d] for d in cells for _ in cells[d]], scale=scale)
 
 
 def labelled_grid(cells: list[list[Tensor]], col_labels: list[str], row_labels: list[str], scale: int = 1,

@@ -2,6 +2,7 @@
 uninterrupted one. The same loop under Ray Train: tests/test_train_ray.py."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from instagan.loop import train_local
 from instagan.train import TrainState
 
 
-def test_a_local_run_folder_holds_metrics_grids_tensorboard_and_checkpoints(tmp_path):
+def test_a_local_run_folder_holds_metrics_grids_tensorboard_and_checkpoints(tmp_path, capsys):
     write_synthetic(tmp_path / "data", n=12, size=32, test_fraction=0.25)  # 9 training images: 5 batches of 2
     cfg = Config.from_dict({"model": {"ngf": 4, "ndf": 4, "n_blocks": 1},
                             "data": {"root": str(tmp_path / "data"), "size": 32, "load_size": 36},
@@ -35,8 +36,16 @@ def test_a_local_run_folder_holds_metrics_grids_tensorboard_and_checkpoints(tmp_
     assert logs[-1]["epoch"] == 1 and logs[-1]["lr/G"] < logs[0]["lr/G"]  # the second epoch decays the lr
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000003.png", "step_000006.png"]
     with Image.open(run / "samples" / "step_000006.png") as im:  # 4 rows per direction, 6 columns, 32 px x 4
-        assert im.size == (6 * 128, 2 * 4 * 128 + 4 * 4)
+        left, top = im.size[0] - 6 * (128 + 2), im.size[1] - 2 * 4 * (128 + 2)  # + row names, column headers
+        assert 40 <= left <= 120 and 16 <= top <= 60, im.size
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # One progress line per run.log_every steps: step/total, epoch, samples/s, losses, elapsed, ETA.
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[instagan] step ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["[instagan] step 2/6 (33%)", "[instagan] step 4/6 (67%)",
+                                                    "[instagan] step 6/6 (100%)"]
+    assert all(re.search(r"epoch [12]/2 \| [\d.]+ samples/s \| G [\d.]+ D_a [\d.]+ D_b [\d.]+ \| \d+s elapsed \| "
+                         r"ETA \d+s$", ln) for ln in lines), lines
+    assert lines[-1].endswith("ETA 0s")
 
 
 def test_local_run_stopped_part_way_resumes_like_an_uninterrupted_run(tmp_path):
