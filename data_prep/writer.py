@@ -1,4 +1,4 @@
-"""Shared back end of data_prep: parallel conversion with a progress line, size-bounded Parquet shards,
+"""Shared back end of data_prep: parallel conversion with a tqdm progress bar, size-bounded Parquet shards,
 the quarantine report and metadata.json.
 
 Output layout:
@@ -25,36 +25,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from data_prep.rows import MASK_ENCODING, SCHEMA, SCHEMA_VERSION, Options, Result
 
 ROW_GROUP = 64  # rows per Parquet row group: bounds reader memory without hurting Ray Data's file-level reads
-
-
-class Progress:
-    """A one-line progress report on stderr (no tqdm dependency): done/total, rate, and ETA, at most 2 per second."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        every = 0.5 if self.tty else 5.0  # in CI logs a line every 5 s keeps the log short
-        if self.enabled and (now - self.last >= every or self.done == self.total):
-            self.last = now
-            self._print(end="\r" if self.tty and self.done < self.total else "\n")
-
-    def _print(self, end: str) -> None:
-        el = time.perf_counter() - self.start
-        rate = self.done / el if el > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        pct = 100 * self.done / self.total if self.total else 100.0
-        sys.stderr.write(f"{self.label}: {self.done}/{self.total} ({pct:.0f}%) {rate:.1f}/s eta {eta:.0f}s" + end)
-        sys.stderr.flush()
 
 
 def guarded(task: tuple, fn: Callable[..., Result], opts: Options) -> Result:
@@ -154,7 +129,8 @@ def convert_all(tasks: list, fn: Callable[..., Result], opts: Options, out: Path
     reasons: Counter = Counter()
     sizes: set[tuple[int, int]] = set()
     unique: set[tuple[str, str]] = set()  # (split, id): an image of both domains is two rows, one image
-    bar = Progress(len(tasks), f"data_prep {info.get('source', '')}", progress)
+    bar = tqdm(total=len(tasks), desc=f"data_prep {info.get('source', '')}", unit="image", disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 5.0)  # in CI logs a line every 5 s keeps the log short
     t0 = time.perf_counter()
     with open(out / "quarantine.jsonl", "w") as qf:
         def note(q: dict) -> None:
@@ -176,6 +152,7 @@ def convert_all(tasks: list, fn: Callable[..., Result], opts: Options, out: Path
                 note(q)
             counters.update(res.counters)
             bar.update()
+    bar.close()
     files = writer.close()
     seconds = time.perf_counter() - t0
     images = sum(c["images"] for c in counts.values())

@@ -375,3 +375,13 @@ def test_unreadable_image_reasons_read_the_same_every_time(tmp_path):
         assert "cannot identify image file" in info.value.detail
         details.add(info.value.detail)
     assert len(details) == 1  # the same reason text for the same kind of problem
+
+
+def test_progress_bar_counts_every_image_and_quiet_hides_it(tmp_path, capsys):
+    """The conversion reports its progress with tqdm on stderr (count, total, rate); --quiet prints none."""
+    assert main(["synthetic", "--n", "6", "--size", "32", "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "data_prep synthetic: 100%" in err and "12/12" in err and "image/s" in err, err
+    assert main(["synthetic", "--n", "6", "--size", "32", "--out", str(tmp_path / "q"), "--workers", "1",
+                 "--quiet"]) == 0
+    assert "data_prep synthetic" not in capsys.readouterr().err
