@@ -126,9 +126,34 @@ def test_two_trial_sweep_asha_stops_the_worse_one(ray_local, tmp_path, capsys):
         events = EventAccumulator(str(t / "train" / "tensorboard"))
         events.Reload()
         assert "val/score" in events.Tags()["scalars"], t
+    assert sorted(p.name for p in (folder / "hparams").iterdir()) == sorted(t.name for t in trials)  # HPARAMS tab
 
     # restoring the finished sweep re-runs nothing and ranks the same trials
     assert job.main(["--storage-path", str(tmp_path / "runs"), "--name", "sweep", "--resume"]) == 0
     again = capsys.readouterr().out
     assert f"best trial: {good[0].name}" in again and "stopped early" in again
     assert sorted(folder.glob("trial_*")) == trials and last_result(bad[0])["step"] == bad[1]["step"]
+
+
+def test_hparams_view_holds_each_trial_with_its_values_and_metric(tmp_path):
+    """write_hparams: TensorBoard's HParams plugin data per trial (values and last metric), read back with
+    TensorBoard's own reader; a trial without the metric (an error) is left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from instagan.distributed.sweep import write_hparams
+
+    rows = [{"trial": "trial_1", "params": {"train.lr_g": 2e-4, "model.paint": "extend"}, "metric": 0.7, "step": 8},
+            {"trial": "trial_2", "params": {"train.lr_g": 1.0, "model.paint": "residual"}, "metric": 0.2, "step": 2},
+            {"trial": "trial_3", "params": {"train.lr_g": 5e-4, "model.paint": "direct"}, "metric": None, "step": 0}]
+    root = write_hparams(tmp_path, rows, "val/score")
+    assert sorted(p.name for p in root.iterdir()) == ["trial_1", "trial_2"]
+    for r in rows[:2]:
+        events = EventAccumulator(str(root / r["trial"]))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hp = start.session_start_info.hparams
+        assert hp["train.lr_g"].number_value == r["params"]["train.lr_g"]
+        assert hp["model.paint"].string_value == r["params"]["model.paint"]
+        assert [s.value for s in events.Scalars("hparam/val/score")] == [pytest.approx(r["metric"])]

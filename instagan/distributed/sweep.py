@@ -205,6 +205,23 @@ def table(rows: list[dict], space: dict, metric: str) -> str:
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
 
+def write_hparams(folder: str | Path, rows: list[dict], metric: str) -> Path:
+    """TensorBoard's HParams view of the ranked trials: one run per trial under <folder>/hparams/<trial> with its
+    sampled values and its last `metric` and step, so `tensorboard --logdir <folder>` compares trials side by side
+    (HPARAMS tab). Trials without the metric are left out. -> <folder>/hparams."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = Path(folder) / "hparams"
+    for r in rows:
+        if r["metric"] is None or math.isnan(r["metric"]):
+            continue
+        params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in r["params"].items()}
+        with SummaryWriter(str(root / r["trial"])) as w:
+            w.add_hparams(params, {f"hparam/{metric}": r["metric"], "hparam/step": float(r["step"] or 0)},
+                          run_name=".")
+    return root
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
@@ -235,6 +252,8 @@ def sweep(cfg: Config, space: dict, opts: dict, resume: bool = False, synthetic_
         return 2
     results = build_tuner(cfg, space, opts, folder, restore=resume).fit()
     rows = ranked(results, space, opts)
+    if "://" not in folder:
+        write_hparams(folder, rows, opts["metric"])
     print(f"\n[tune] {len(rows)} trials ranked by {opts['metric']} ({opts['mode']}), last reported value:")
     print(table(rows, space, opts["metric"]))
     unfinished = sum(1 for r in rows if r["unfinished"])
@@ -255,6 +274,6 @@ def sweep(cfg: Config, space: dict, opts: dict, resume: bool = False, synthetic_
     print(f"[tune] best checkpoint: {best['checkpoint']}")
     print(f"[tune] best config:\n{full.to_json()}")
     print(f"best: {json.dumps(best, sort_keys=True)}")
-    print(f"[tune] TensorBoard: tensorboard --logdir {folder}")
+    print(f"[tune] TensorBoard: tensorboard --logdir {folder}  (HPARAMS tab: the trials side by side)")
     return 0
 
