@@ -4,6 +4,9 @@ the user's view. No Ray here.
 
     items = read_items("/tmp/shp2gir", "a2b", split="sample")          # [(id, body or the reason there is none)]
     summary = translate_collection("http://127.0.0.1:8000", items, "/tmp/out", concurrency=8)
+
+api_key: for a server started with --api-key-env, sent as the X-API-Key header on every POST /translate;
+check_server finds a missing or wrong key before the collection starts.
 """
 
 from __future__ import annotations
@@ -72,14 +75,18 @@ def _bodies(source) -> Iterator[tuple[str, bytes | str]]:
 _local = threading.local()
 
 
-def post(url: str, body: bytes, timeout: float = 300.0, retries: int = 3) -> tuple[int, dict]:
+def headers(api_key: str | None = None) -> dict:
+    return {"Content-Type": "application/json", **({"X-API-Key": api_key} if api_key else {})}
+
+
+def post(url: str, body: bytes, timeout: float = 300.0, retries: int = 3,
+         api_key: str | None = None) -> tuple[int, dict]:
     """POST one body to <url>/translate -> (HTTP status, JSON answer); retries connection errors and 502-504."""
     session = getattr(_local, "session", None) or requests.Session()
     _local.session = session
     for attempt in range(retries + 1):
         try:
-            r = session.post(f"{url.rstrip('/')}/translate", data=body, timeout=timeout,
-                             headers={"Content-Type": "application/json"})
+            r = session.post(f"{url.rstrip('/')}/translate", data=body, timeout=timeout, headers=headers(api_key))
         except requests.ConnectionError as e:
             if attempt == retries:
                 return 0, {"error": f"connection failed: {e}"}
@@ -95,14 +102,20 @@ def post(url: str, body: bytes, timeout: float = 300.0, retries: int = 3) -> tup
     raise AssertionError("unreachable")
 
 
-def check_server(url: str, timeout: float = 10.0) -> dict:
-    """GET <url>/healthz -> its JSON; raises UsageError when the server does not answer 200."""
+def check_server(url: str, timeout: float = 10.0, api_key: str | None = None) -> dict:
+    """GET <url>/healthz -> its JSON; raises UsageError when the server does not answer 200, or refuses the API key
+    (an empty POST /translate: the server answers 401 for the key before it reads the body, else 400)."""
     try:
         r = requests.get(f"{url.rstrip('/')}/healthz", timeout=timeout)
         r.raise_for_status()
-        return r.json()
+        health = r.json()
+        probe = requests.post(f"{url.rstrip('/')}/translate", data=b"", timeout=timeout, headers=headers(api_key))
     except (requests.RequestException, ValueError) as e:
         raise UsageError(f"server {url} is not answering /healthz: {e}") from None
+    if probe.status_code == 401:
+        why = "wrong key" if api_key else "none sent: give --api-key-env NAME"
+        raise UsageError(f"server {url} refused the API key ({why}): {probe.text[:200]}")
+    return health
 
 
 def bounded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[object, Future]]:
@@ -128,7 +141,7 @@ def write_result(out: Path, iid: str, answer: dict) -> None:
 
 
 def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out: str | Path, concurrency: int = 8,
-                         timeout: float = 300.0) -> dict:
+                         timeout: float = 300.0, api_key: str | None = None) -> dict:
     """Translate (id, body) items through the server into `out`; returns a summary (counts, failures by id)."""
     out = Path(out)
     for d in ("images", "masks"):
@@ -139,7 +152,7 @@ def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out
         if isinstance(body, str):
             return {"id": iid, "status": None, "error": body}
         t0 = time.perf_counter()
-        status, answer = post(url, body, timeout)
+        status, answer = post(url, body, timeout, api_key=api_key)
         rec = {"id": iid, "status": status, "latency_s": round(time.perf_counter() - t0, 4)}
         if status != 200:
             return {**rec, "error": answer.get("error", str(answer))}
@@ -166,12 +179,12 @@ def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out
 
 
 def bench(url: str, bodies: list[bytes], n: int, concurrency: int = 8, warmup: int | None = None,
-          timeout: float = 300.0) -> dict:
+          timeout: float = 300.0, api_key: str | None = None) -> dict:
     """n requests cycling over `bodies`, `concurrency` in flight, after `warmup` untimed ones (default: concurrency).
     Returns latency percentiles (client-side seconds per request) and throughput (ok answers per second)."""
     def one(body: bytes) -> tuple[int, float, float | None]:
         t0 = time.perf_counter()
-        status, answer = post(url, body, timeout)
+        status, answer = post(url, body, timeout, api_key=api_key)
         return status, time.perf_counter() - t0, answer.get("time_s")
 
     warmup = concurrency if warmup is None else warmup

@@ -4,6 +4,17 @@ request format, the limits and the batching).
     python jobs/serve.py --checkpoint CKPT [--direction a2b] [--num-replicas 1] [--device cpu] [--max-batch 8]
     curl -s http://127.0.0.1:8000/healthz
     curl -s -X POST http://127.0.0.1:8000/translate -H 'Content-Type: application/json' -d @request.json
+    curl -s http://127.0.0.1:8000/openapi.json        # the request/answer schema and status codes (browser: /docs)
+
+    # open to the network: an API key, read from an environment variable (never from the command line)
+    export INSTAGAN_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    python jobs/serve.py --checkpoint CKPT --host 0.0.0.0 --api-key-env INSTAGAN_API_KEY
+    curl -s -X POST http://HOST:8000/translate -H "X-API-Key: $INSTAGAN_API_KEY" -d @request.json   # or
+    curl -s -X POST http://HOST:8000/translate -H "Authorization: Bearer $INSTAGAN_API_KEY" -d @request.json
+
+With --api-key-env NAME every POST /translate must carry the key (X-API-Key or Authorization: Bearer), else 401,
+checked before the body is read; without it the server refuses to start on a --host that is not loopback (exit 2).
+The key is sent in the clear over HTTP: put a TLS proxy in front of a server exposed beyond a trusted network.
 
 Ray: --address (or RAY_ADDRESS) connects to a cluster, else a local Ray starts. Serve's HTTP proxy binds --host
 (127.0.0.1 by default) and --port; the script blocks until Ctrl-C, then deletes the app (--detach leaves it running
@@ -13,10 +24,11 @@ on a cluster and exits). Send collections with jobs/serve_client.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from instagan.config import AMP
-from instagan.distributed.serve import Limits, build_app, run
+from instagan.distributed.serve import Limits, api_key_from_env, build_app, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="image + all its masks, per request")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", metavar="NAME",
+                   help="environment variable holding the API key POST /translate requires (X-API-Key: KEY or "
+                        "Authorization: Bearer KEY); required when --host is not 127.0.0.1, ::1 or localhost")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--detach", action="store_true", help="deploy and exit, leaving the app running (clusters)")
     return p.parse_args(argv)
@@ -51,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     limits = Limits(args.max_bytes, args.max_instances, args.max_pixels, args.max_request_pixels)
     try:
+        api_key = api_key_from_env(args.api_key_env, args.host, os.environ)
         app = build_app(args.checkpoint, args.direction, args.num_replicas, args.device, args.max_batch,
                         args.batch_wait_s, args.ins_max, args.ins_per, None if args.size == "model" else 0, limits,
-                        args.num_cpus, args.threads, args.amp)
+                        args.num_cpus, args.threads, args.amp, api_key)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run(app, args.host, args.port, args.address, args.detach,
-               f" ({args.direction}, {args.num_replicas} replica(s), batch {args.max_batch})")
+               f" ({args.direction}, {args.num_replicas} replica(s), batch {args.max_batch}"
+               f"{', API key required' if api_key else ''})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
         --out /tmp/translated --concurrency 8
     python jobs/serve_client.py --url http://127.0.0.1:8000 --input ../shared/data/shp2gir_coco_sample \
         --bench 200 --concurrency 8                       # prints one JSON line: p50/p99 latency, images/s
+    INSTAGAN_API_KEY=... python jobs/serve_client.py --url http://HOST:8000 --api-key-env INSTAGAN_API_KEY ...
 
 --input: what jobs/translate.py reads, with its readers (a data_prep Parquet set, file or folder; an InstaGAN folder
 <split>A/<id>.png + <split>A_seg/<id>_<k>.png; a COCO json with --images --a --b); the images of the source domain
@@ -12,7 +13,8 @@ of --direction (default: the direction the server translates, from its /healthz)
 <out>/results.jsonl (status and latency, or the error: HTTP status, or null for an input the readers rejected); a
 failed item is reported and the rest go on. At most --concurrency requests are in flight: firing a whole collection
 at Serve at once collapses its throughput. Connection errors and 502-504 (503: Serve's back-pressure) are retried;
-other 4xx and 500 are not.
+other 4xx and 500 are not. --api-key-env NAME sends the key in that environment variable (a server started with
+--api-key-env) as X-API-Key; a missing or wrong key is found before the first item is sent (exit 2).
 
 Bench mode (--bench N) sends N requests cycling over the input's items (bodies encoded once, beforehand) after
 --warmup requests, writes nothing, and prints latency percentiles (client-side, per request) and images/s.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N requests instead of writing results")
+    p.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the server's API key")
     p.add_argument("--warmup", type=int, default=None, help="untimed requests before the bench (default: concurrency)")
     return p.parse_args(argv)
 
@@ -51,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1 or (not args.bench and args.out is None):
         print("error: --concurrency must be >= 1, and --out is needed unless --bench", file=sys.stderr)
         return 2
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        print("error: --api-key-env: that environment variable is not set, or empty (the option takes the variable's "
+              "NAME, never the key itself)", file=sys.stderr)
+        return 2
     try:
-        served = check_server(args.url).get("direction")
+        served = check_server(args.url, api_key=api_key).get("direction")
         if args.direction and served and args.direction != served:
             print(f"[client] note: the server translates {served}; sending the source domain of {args.direction}",
                   file=sys.stderr)
@@ -62,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             bodies = [b for _, b in items if isinstance(b, bytes)]
             if not bodies:
                 raise UsageError(f"{args.input}: no readable item to send")
-            result = bench(args.url, bodies, args.bench, args.concurrency, args.warmup, args.timeout)
+            result = bench(args.url, bodies, args.bench, args.concurrency, args.warmup, args.timeout, api_key)
             print(json.dumps(result))
             return 0 if result["failed"] == 0 else 1
-        summary = translate_collection(args.url, items, args.out, args.concurrency, args.timeout)
+        summary = translate_collection(args.url, items, args.out, args.concurrency, args.timeout, api_key)
     except (UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

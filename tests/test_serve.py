@@ -1,5 +1,5 @@
 """jobs/serve.py and jobs/serve_client.py (instagan.distributed.serve, instagan.client): a real Serve app on
-loopback, real photos, malformed requests, the client."""
+loopback with an API key, real photos, malformed requests, the key's checks, the OpenAPI schema, the client."""
 
 import base64
 import io
@@ -15,9 +15,11 @@ import pytest
 import requests
 from PIL import Image
 
+from data_prep.rows import UsageError
 from instagan.infer import Translator
 from instagan import client
 from instagan.distributed.serve import Limits
+from jobs import serve as serve_job
 from jobs import serve_client
 from tests.conftest import tiny_checkpoint
 
@@ -25,6 +27,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shp2g
 # The sample has up to 8 sheep; its largest request (256 x 256, 8 masks) is 589,824 pixels.
 LIMITS = Limits(max_bytes=1_000_000, max_instances=8, max_pixels=400 * 400, max_request_pixels=640_000)
 MAX_BATCH = 4
+KEY = "test-key-0123456789abcdef"  # the module's app requires it
+AUTH = {"X-API-Key": KEY}
 
 
 def b64(data: bytes) -> str:
@@ -68,7 +72,7 @@ def url(ray_local, ckpt):
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(str(ckpt), max_batch=MAX_BATCH, batch_wait_s=0.05, limits=LIMITS),
+        serve.run(build_app(str(ckpt), max_batch=MAX_BATCH, batch_wait_s=0.05, limits=LIMITS, api_key=KEY),
                   name="instagan_test", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -78,7 +82,7 @@ def url(ray_local, ckpt):
 @pytest.mark.slow
 def test_translates_real_photos_with_dynamic_batching(url):
     image, masks = photo("139")  # 4 sheep
-    r = requests.post(f"{url}/translate", data=body(image, masks), timeout=120)
+    r = requests.post(f"{url}/translate", data=body(image, masks), headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
     answer = r.json()
     out, out_masks = decode(answer)
@@ -92,7 +96,8 @@ def test_translates_real_photos_with_dynamic_batching(url):
     ids = ["139", "1106", "1134", "1271", "602", "732", "866", "139"]
     answers: dict[int, dict] = {}
     threads = [threading.Thread(target=lambda i=i, iid=iid: answers.__setitem__(
-        i, requests.post(f"{url}/translate", data=body(*photo(iid)), timeout=120).json())) for i, iid in enumerate(ids)]
+        i, requests.post(f"{url}/translate", data=body(*photo(iid)), headers=AUTH, timeout=120).json()))
+        for i, iid in enumerate(ids)]
     for t in threads:
         t.start()
     for t in threads:
@@ -166,13 +171,13 @@ def test_malformed_requests_get_4xx_and_the_replica_survives(url):
     for name, kwargs, status in malformed(1000):
         if "chunks" in kwargs:  # a generator body goes out chunked
             kwargs = {"data": iter(kwargs["chunks"])}
-        r = requests.post(f"{url}/translate", timeout=60, **kwargs)
+        r = requests.post(f"{url}/translate", timeout=60, headers=AUTH, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         assert r.json()["error"], name
         seen.add(name)
     assert len(seen) == 31
     image, masks = photo("1106")
-    r = requests.post(f"{url}/translate", data=body(image, masks), timeout=120)
+    r = requests.post(f"{url}/translate", data=body(image, masks), headers=AUTH, timeout=120)
     assert r.status_code == 200 and len(r.json()["masks"]) == 2
     after = requests.get(f"{url}/healthz", timeout=30)
     assert after.status_code == 200 and after.json()["pid"] == before["pid"]  # the same replica process
@@ -211,13 +216,15 @@ def test_decoding_checks_every_header_and_the_request_budget_before_any_pixel():
 
 
 @pytest.mark.slow
-def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path):
+def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path, monkeypatch):
     src = tmp_path / "in"
     shutil.copytree(SAMPLE / "sampleA", src / "sampleA")
     shutil.copytree(SAMPLE / "sampleA_seg", src / "sampleA_seg")
     (src / "sampleA" / "broken.png").write_bytes(b"not a png at all")
     (src / "sampleA_seg" / "broken_0.png").write_bytes((SAMPLE / "sampleA_seg" / "1106_0.png").read_bytes())
-    rc = serve_client.main(["--url", url, "--input", str(src), "--out", str(tmp_path / "out"), "--concurrency", "3"])
+    monkeypatch.setenv("INSTAGAN_TEST_KEY", KEY)
+    rc = serve_client.main(["--url", url, "--input", str(src), "--out", str(tmp_path / "out"), "--concurrency", "3",
+                            "--api-key-env", "INSTAGAN_TEST_KEY"])
     assert rc == 1  # one item failed, the others went on
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
     assert len(records) == 8 and records["broken"]["status"] is None  # data_prep's reader rejected it, not sent
@@ -231,9 +238,111 @@ def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path)
         assert out.size == Image.open(SAMPLE / "sampleA" / f"{iid}.png").size
         assert len(list((tmp_path / "out" / "masks").glob(f"{iid}_*.png"))) == n
 
-    stats = client.bench(url, [body(*photo("1106")), body(*photo("139"))], n=8, concurrency=4, warmup=2)
+    stats = client.bench(url, [body(*photo("1106")), body(*photo("139"))], n=8, concurrency=4, warmup=2, api_key=KEY)
     assert stats["ok"] == 8 and stats["failed"] == 0 and 0 < stats["p50_s"] <= stats["p99_s"]
     assert stats["images_per_s"] > 0
+
+
+def raw_post(url: str, head: str, timeout: float = 30) -> str:
+    """Send only a POST /translate's request line and headers (no body) and return the status line: an answer
+    proves the server did not wait for the body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(f"POST /translate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{head}\r\n".encode())
+        return s.makefile("rb").readline().decode().strip()
+
+
+@pytest.mark.slow
+def test_api_key_is_checked_before_the_body_and_the_schema_describes_translate(url, monkeypatch):
+    # Wrong or missing key: 401 for bodies that would be 400 or 413, so the body was never decoded...
+    for headers, why in [({"X-API-Key": KEY + "x"}, "wrong"), ({"Authorization": f"Bearer {KEY[:-1]}"}, "wrong"),
+                         ({}, "missing"), ({"Authorization": f"Basic {KEY}"}, "missing")]:
+        for data in (b'{"image": "@@not base64@@", "masks": []}', b"not json", b"{" + b" " * 1_100_000 + b"}"):
+            r = requests.post(f"{url}/translate", data=data, headers=headers, timeout=60)
+            assert r.status_code == 401 and why in r.json()["error"], (headers, r.status_code, r.text[:200])
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    # ...nor read: the answer comes with only the headers sent (a key check after the body would wait here).
+    assert raw_post(url, "Content-Length: 100\r\n") == "HTTP/1.1 401 Unauthorized"
+    assert raw_post(url, f"X-API-Key: {KEY}\r\nContent-Length: 100000000\r\n").startswith("HTTP/1.1 413 ")
+    # The right key, in either header, reaches the decoder (400) and the model (200).
+    r = requests.post(f"{url}/translate", data=b"not json", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = requests.post(f"{url}/translate", data=body(*photo("1106")), headers={"Authorization": f"bearer {KEY}"},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    assert requests.get(f"{url}/healthz", timeout=30).json()["api_key_required"] is True
+
+    # /openapi.json (open without a key) describes POST /translate: the body, the answer, the errors, the key.
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    op = spec["paths"]["/translate"]["post"]
+    req = op["requestBody"]["content"]["application/json"]["schema"]
+    assert op["requestBody"]["required"] and req["required"] == ["image", "masks"]
+    assert req["properties"]["image"]["type"] == "string" and req["properties"]["masks"]["items"]["type"] == "string"
+    assert req["additionalProperties"] is False
+    assert {"200", "400", "401", "413", "415", "422", "500"} <= op["responses"].keys()
+    ok = spec["components"]["schemas"][op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+                                       .split("/")[-1]]
+    assert set(ok["properties"]) == set(r.json()) == {"image", "masks", "translated", "direction", "batch", "time_s"}
+    assert op["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    schemes = spec["components"]["securitySchemes"]
+    assert {"X-API-Key": "APIKeyHeader", "bearer": "HTTPBearer"} == {
+        schemes["APIKeyHeader"]["name"]: "APIKeyHeader", schemes["HTTPBearer"]["scheme"]: "HTTPBearer"}
+    assert {"APIKeyHeader": []} in op["security"] and {"HTTPBearer": []} in op["security"]
+    docs = requests.get(f"{url}/docs", timeout=30)
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+
+    # The client finds a missing or wrong key before it sends anything.
+    with pytest.raises(UsageError, match="none sent"):
+        client.check_server(url)
+    with pytest.raises(UsageError, match="wrong key"):
+        client.check_server(url, api_key=KEY + "x")
+    assert client.check_server(url, api_key=KEY)["direction"] == "a2b"
+    monkeypatch.setenv("INSTAGAN_TEST_KEY", KEY + "x")
+    assert serve_client.main(["--url", url, "--input", str(SAMPLE), "--bench", "1",
+                              "--api-key-env", "INSTAGAN_TEST_KEY"]) == 2
+    monkeypatch.delenv("INSTAGAN_TEST_KEY")
+    assert serve_client.main(["--url", url, "--input", str(SAMPLE), "--bench", "1",
+                              "--api-key-env", "INSTAGAN_TEST_KEY"]) == 2
+
+
+def test_serve_job_needs_a_key_from_the_environment_off_loopback(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(serve_job, "build_app", lambda *a: calls.append(a) or "app")
+    monkeypatch.setattr(serve_job, "run", lambda app, host, *a: calls.append(host) or 0)
+    monkeypatch.delenv("INSTAGAN_TEST_KEY", raising=False)
+    job = lambda *extra: serve_job.main(["--checkpoint", "ckpt", *extra])  # noqa: E731
+    for host in ("0.0.0.0", "::", "192.168.1.7", "example.org"):
+        assert job("--host", host) == 2 and "not a loopback address" in capsys.readouterr().err
+    assert job("--host", "0.0.0.0", "--api-key-env", "INSTAGAN_TEST_KEY") == 2  # named, but not set
+    assert "not set" in capsys.readouterr().err
+    monkeypatch.setenv("INSTAGAN_TEST_KEY", "short")
+    assert job("--host", "0.0.0.0", "--api-key-env", "INSTAGAN_TEST_KEY") == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert calls == []  # refused before anything was built or started
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):  # loopback: a key is optional
+        assert job("--host", host) == 0 and calls[-2][-1] is None and calls[-1] == host
+    monkeypatch.setenv("INSTAGAN_TEST_KEY", KEY)
+    assert job("--host", "0.0.0.0", "--api-key-env", "INSTAGAN_TEST_KEY") == 0
+    assert calls[-2][-1] == KEY and calls[-1] == "0.0.0.0"
+
+
+def test_request_model_errors_are_400_and_bounded():
+    from instagan.distributed.serve import BadRequest, TranslateRequest, decode_request
+
+    for data, where in [(b'{"image": 7, "masks": []}', "image:"), (b'{"image": "", "masks": "abc"}', "masks:"),
+                        (b'{"image": "", "masks": ["", null]}', "masks[1]:"),
+                        (b'{"image": null, "masks": []}', "image:")]:
+        with pytest.raises(BadRequest) as err:
+            decode_request(data, LIMITS)
+        assert err.value.status == 400 and err.value.message.startswith(where), err.value.message
+    # a million wrong-typed masks or unknown keys: one short message, not a million errors
+    for data in (b'{"image": "", "masks": [' + b",".join([b"1"] * 1_000_000) + b"]}",
+                 b"{" + b",".join(b'"k%d": 0' % i for i in range(1_000_000)) + b"}"):
+        t0 = time.perf_counter()
+        with pytest.raises(BadRequest) as err:
+            decode_request(data, LIMITS)
+        assert err.value.status == 400 and len(err.value.message) < 300 and time.perf_counter() - t0 < 10
+    assert TranslateRequest.model_json_schema()["additionalProperties"] is False
 
 
 def test_bounded_keeps_at_most_concurrency_in_flight():

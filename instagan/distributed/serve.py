@@ -4,6 +4,7 @@
     python jobs/serve.py --checkpoint CKPT [--direction a2b] [--num-replicas 1] [--device cpu] [--max-batch 8]
     curl -s http://127.0.0.1:8000/healthz
     curl -s -X POST http://127.0.0.1:8000/translate -H 'Content-Type: application/json' -d @request.json
+    curl -s http://127.0.0.1:8000/openapi.json       # the schema (TranslateRequest, TranslateResponse, errors); /docs
 
 POST /translate takes JSON {"image": "<base64 PNG/JPEG/WebP>", "masks": ["<base64 PNG>", ...]} (one mask per
 instance, the image's size; a pixel is an instance pixel when its brightest channel is >= 128; "masks" may be empty;
@@ -18,6 +19,14 @@ missing or wrong-typed fields, not base64, not an image), 413 (body over --max-b
 415 (an image format other than PNG, JPEG, WebP, or a mask other than PNG: Pillow tries no other decoder), 422
 (mask size differs from the image, an empty mask, more than --max-instances masks) or 500 (the model failed on
 this request; other requests, and the replica, go on). GET /healthz answers 200 with the served direction.
+The pydantic models below describe the request and the answers in /openapi.json and /docs; the body is still read
+as bytes (size checks first) and then validated with TranslateRequest, so a huge body is refused before parsing.
+
+API key (optional; jobs/serve.py --api-key-env NAME, required there when --host is not loopback): every POST
+/translate carries it as `X-API-Key: KEY` or `Authorization: Bearer KEY`, else 401 {"error": ...}. It is checked
+first, before the size checks and before any byte of the body is read. The deployment is bound with the key's
+SHA-256 only (the key itself is not among the arguments Serve stores) and compares digests with
+hmac.compare_digest. GET /healthz (which says api_key_required), /openapi.json and /docs stay open.
 
 Every request is decoded and validated in the ingress before it joins a batch; `@serve.batch` hands up to
 --max-batch valid items to one Translator.translate_arrays call, run in a thread so the replica keeps answering
@@ -33,7 +42,11 @@ on a cluster and exits).
 import asyncio
 import base64
 import binascii
+import hashlib
+import heapq
+import hmac
 import io
+import ipaddress
 import json
 import os
 import signal
@@ -43,9 +56,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from data_prep.rows import IMAGE_FORMATS, MASK_FORMATS, BadInput, open_image, rgb_array
@@ -55,7 +70,6 @@ from instagan.infer import DIRECTIONS as DIRECTION_NETS
 from instagan.infer import Translator
 
 APP_NAME = "instagan"
-FIELDS = {"image", "masks"}
 MASK_THRESHOLD = 128  # the authors' mask PNGs carry grey resampled pixels (data_prep's folder source does the same)
 
 
@@ -69,6 +83,112 @@ class Limits:
     max_request_pixels: int = 8 * 2048 * 2048
 
 
+# ---- the wire format, as pydantic models: /openapi.json and /docs describe POST /translate with them -------------
+
+class TranslateRequest(BaseModel):
+    """POST /translate's JSON body."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image: str = Field(description="the photo: base64 of a PNG, JPEG or WebP file (16-bit grey is scaled to 8 bits)")
+    masks: list[str] = Field(  # fail_fast: a list of a million non-strings is one error, not a million
+        fail_fast=True, description="one base64 PNG per instance, the image's size (a pixel is an instance pixel when "
+                                    "its brightest channel is >= 128); may be empty; at most max_instances "
+                                    "(GET /healthz's limits)")
+
+
+FIELDS = set(TranslateRequest.model_fields)
+
+
+class TranslateResponse(BaseModel):
+    """POST /translate's answer (200)."""
+    image: str = Field(description="the translated image: base64 PNG at the input's size")
+    masks: list[str] = Field(description="base64 0/255 PNGs, one per input mask: mask k translates input mask k")
+    translated: list[bool] = Field(description="false for instances past --ins-max, whose mask comes back as sent")
+    direction: str = Field(description="a2b or b2a")
+    batch: int = Field(description="images in the model call that carried this one")
+    time_s: float = Field(description="seconds in the replica")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 500 answer of POST /translate."""
+    error: str = Field(description="the field and the reason")
+
+
+ERRORS = {
+    400: "bad JSON (or nested too deeply), missing, unknown or wrong-typed fields, not base64, not an image, a corrupt "
+         "image, an invalid Content-Length",
+    401: "a missing or wrong API key (only when the server has one): sent before any byte of the body is read",
+    413: "a body over max_bytes (from Content-Length, or while it streams in), an image or mask over max_pixels, or "
+         "image + masks over max_request_pixels: read from the headers before any pixel is decoded",
+    415: "an image other than PNG, JPEG or WebP, or a mask other than PNG (no other decoder is tried)",
+    422: "a mask whose size differs from the image, an empty mask, more than max_instances masks, an image under 4x4",
+    500: "the model failed on this request (other requests, and the replica, go on)",
+}
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key, when the server has one")
+BEARER = HTTPBearer(auto_error=False, description="the same key as a bearer token: Authorization: Bearer KEY")
+TRANSLATE_DOC = {
+    "summary": "Translate one image and its instance masks",
+    "response_model": TranslateResponse,
+    "responses": {200: {"description": "the translation"},
+                  **{s: {"model": ErrorResponse, "description": d} for s, d in ERRORS.items()},
+                  503: {"description": "Serve's back-pressure (its proxy answers, not this route): retry later"}},
+    # The body is read by hand (size checks first), so FastAPI does not see a body parameter: describe it here.
+    # security: X-API-Key, or a bearer token, or nothing ({}) for a server started without a key.
+    "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": TranslateRequest.model_json_schema()}}}, "security": [{}]},
+}
+MIN_KEY_CHARS = 16
+
+
+def api_key_digest(key: str) -> str:
+    """The SHA-256 the replica keeps and compares (hex); raises ValueError for a key unfit for an HTTP header."""
+    if len(key) < MIN_KEY_CHARS or not key.isascii() or not key.isprintable() or key != key.strip():
+        raise ValueError(f"the API key must be at least {MIN_KEY_CHARS} printable ASCII characters without leading or "
+                         "trailing spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_from_env(env_name: str | None, host: str, environ=os.environ) -> str | None:
+    """jobs/serve.py's key: the value of the environment variable `env_name` (never a command-line value, which
+    `ps` shows), or None without one. Raises ValueError when the variable is unset or empty, or when there is no
+    key and `host` is not a loopback address (127.0.0.1, ::1, localhost)."""
+    if env_name:
+        key = environ.get(env_name)
+        if not key:
+            raise ValueError("--api-key-env: that environment variable is not set, or empty (the option takes the "
+                             "variable's NAME, e.g. INSTAGAN_API_KEY, never the key itself)")
+        api_key_digest(key)  # fails here, before Ray starts
+        return key
+    if not is_loopback(host):
+        raise ValueError(f"--host {host} is not a loopback address: the server would be open to the network. "
+                         "Give it an API key in an environment variable: export INSTAGAN_API_KEY=...; "
+                         "python jobs/serve.py --api-key-env INSTAGAN_API_KEY ...")
+    return None
+
+
+def presented_key(x_api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    """The key a request carries: X-API-Key, else an Authorization: Bearer token, else None."""
+    return x_api_key if x_api_key is not None else bearer.credentials if bearer is not None else None
+
+
+def authorized(presented: str | None, digest: str | None) -> str | None:
+    """None when the request may pass (the key matches, or the server has none), else the 401 message."""
+    if digest is None:
+        return None
+    if presented is None:
+        return "missing API key: send the header X-API-Key: KEY or Authorization: Bearer KEY"
+    sent = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
+    return None if hmac.compare_digest(sent, digest) else "wrong API key"
+
+
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -77,11 +197,9 @@ class BadRequest(Exception):
 
 # ---- decoding and encoding (plain functions: no Ray needed to test them) --------------------------------------
 
-def _open(b64, what: str, limits: Limits) -> Image.Image:
+def _open(b64: str, what: str, limits: Limits) -> Image.Image:
     """base64 text -> an image opened from its header only (PNG, JPEG or WebP; masks PNG), its pixel count checked
     against max_pixels; raises BadRequest."""
-    if not isinstance(b64, str):
-        raise BadRequest(400, f"{what}: expected a base64 string, got {type(b64).__name__}")
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -116,8 +234,9 @@ def _mask_plane(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.asarray(im.convert("RGB")).max(-1))
 
 
-def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
-    """A /translate body -> (uint8 (H, W, 3) RGB, bool (K, H, W)); raises BadRequest(status, message)."""
+def parse_request(body: bytes) -> TranslateRequest:
+    """A /translate body -> a TranslateRequest; raises BadRequest(400). The keys are checked before the model sees
+    the object, so an object with a million unknown keys costs one set difference, not a million errors."""
     try:
         req = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -126,17 +245,32 @@ def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, 
         raise BadRequest(400, "body is not a request: JSON nested too deeply") from None
     if not isinstance(req, dict):
         raise BadRequest(400, f"body must be a JSON object with keys image and masks, got {type(req).__name__}")
-    missing, unknown = sorted(FIELDS - req.keys()), sorted(req.keys() - FIELDS)
+    missing, unknown = sorted(FIELDS - req.keys()), req.keys() - FIELDS
     if missing or unknown:
-        raise BadRequest(400, "body must have exactly the keys image and masks:"
-                              + (f" missing {missing}" if missing else "") + (f" unknown {unknown}" if unknown else ""))
-    if not isinstance(req["masks"], list):
-        raise BadRequest(400, f"masks: expected a list of base64 strings, got {type(req['masks']).__name__}")
-    if len(req["masks"]) > limits.max_instances:
-        raise BadRequest(422, f"masks: {len(req['masks'])} instances, the limit is {limits.max_instances}")
+        said = f" missing {missing}" if missing else ""
+        if unknown:  # 5 named at most: a million unknown keys must not make a megabyte of message
+            said += f" unknown {heapq.nsmallest(5, unknown)}" + (" and more" if len(unknown) > 5 else "")
+        raise BadRequest(400, "body must have exactly the keys image and masks:" + said)
+    try:
+        return TranslateRequest.model_validate(req)
+    except ValidationError as e:  # 2 errors at most: both keys are known, masks fails fast
+        said = "; ".join(f"{_where(x['loc'])}: {x['msg']}" for x in e.errors(include_url=False))
+        raise BadRequest(400, said) from None
+
+
+def _where(loc: tuple) -> str:
+    """pydantic's error location -> "masks[3]"."""
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+
+
+def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
+    """A /translate body -> (uint8 (H, W, 3) RGB, bool (K, H, W)); raises BadRequest(status, message)."""
+    req = parse_request(body)
+    if len(req.masks) > limits.max_instances:
+        raise BadRequest(422, f"masks: {len(req.masks)} instances, the limit is {limits.max_instances}")
     # Every header first: the request's decoded size is known, and bounded, before any pixel is decoded.
-    img_im = _open(req["image"], "image", limits)
-    mask_ims = [_open(b64, f"masks[{k}]", limits) for k, b64 in enumerate(req["masks"])]
+    img_im = _open(req.image, "image", limits)
+    mask_ims = [_open(b64, f"masks[{k}]", limits) for k, b64 in enumerate(req.masks)]
     w, h = img_im.size
     for k, im in enumerate(mask_ims):
         if im.size != (w, h):
@@ -193,7 +327,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 # serve.ingress freezes a copy of the FastAPI app (and so of the handlers' globals) when the class is decorated:
 # every module-level name the handlers use must be defined above this point.
-api = FastAPI(title="InstaGAN translation", docs_url=None, redoc_url=None)
+api = FastAPI(title="InstaGAN translation", docs_url="/docs", redoc_url=None,
+              description="POST /translate: one image and its instance masks in, the translation out "
+                          "(instagan.distributed.serve). GET /healthz: the direction, the limits, and whether an "
+                          "API key is required (X-API-Key: KEY or Authorization: Bearer KEY).")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="instagan"'} if status == 401 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @serve.deployment
@@ -201,7 +343,8 @@ api = FastAPI(title="InstaGAN translation", docs_url=None, redoc_url=None)
 class InstaGANServer:
     def __init__(self, checkpoint: str, direction: str = "a2b", device: str = "cpu", ins_max: int = 20,
                  ins_per: int = 2, size: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.02,
-                 limits: dict | None = None, threads: int = 0, amp: str = "none"):
+                 limits: dict | None = None, threads: int = 0, amp: str = "none",
+                 api_key_sha256: str | None = None):
         import torch
 
         if threads > 0:
@@ -210,6 +353,7 @@ class InstaGANServer:
                                              amp_dtype=amp_dtype(amp))
         self.direction, self.size, self.max_batch = direction, size, max_batch
         self.limits = Limits(**(limits or {}))
+        self.api_key_sha256 = api_key_sha256
         self.translate_batch.set_max_batch_size(max_batch)
         self.translate_batch.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -217,25 +361,33 @@ class InstaGANServer:
     async def healthz(self) -> dict:
         return {"status": "ok", "pid": os.getpid(), "direction": self.direction, "mask_mode": self.tr.mask_mode,
                 "size": "native" if self.size == 0 else self.size or self.tr.config.data.size,
-                "max_batch": self.max_batch, "limits": asdict(self.limits)}
+                "max_batch": self.max_batch, "limits": asdict(self.limits),
+                "api_key_required": self.api_key_sha256 is not None}
 
-    @api.post("/translate")
-    async def translate(self, request: Request) -> JSONResponse:
+    # No body parameter: FastAPI would read and parse the whole body before the key and size checks (TRANSLATE_DOC
+    # describes it instead). The two Security parameters only read headers, and put the schemes in /openapi.json.
+    @api.post("/translate", **TRANSLATE_DOC)
+    async def translate(self, request: Request, x_api_key: str | None = Security(API_KEY_HEADER),
+                        bearer: HTTPAuthorizationCredentials | None = Security(BEARER)) -> JSONResponse:
         t0 = time.perf_counter()
+        refused = authorized(presented_key(x_api_key, bearer), self.api_key_sha256)
+        if refused:
+            return _error(401, refused)
         try:
             body = await read_body(request, self.limits.max_bytes)
             item = await asyncio.to_thread(decode_request, body, self.limits)
         except BadRequest as e:
-            return JSONResponse({"error": e.message}, status_code=e.status)
+            return _error(e.status, e.message)
         try:
             result, batch = await self.translate_batch(item)
             if isinstance(result, Exception):
                 raise result
             answer = await asyncio.to_thread(encode_result, result)
         except Exception as e:  # this request fails; the replica and the other requests go on
-            return JSONResponse({"error": f"translation failed: {type(e).__name__}: {e}"}, status_code=500)
-        return JSONResponse({**answer, "direction": self.direction, "batch": batch,
-                             "time_s": round(time.perf_counter() - t0, 4)})
+            return _error(500, f"translation failed: {type(e).__name__}: {e}")
+        answer = TranslateResponse(**answer, direction=self.direction, batch=batch,
+                                   time_s=round(time.perf_counter() - t0, 4))
+        return JSONResponse(answer.model_dump())
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # both reset from the constructor's arguments
     async def translate_batch(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list:
@@ -247,9 +399,11 @@ class InstaGANServer:
 def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, device: str = "cpu",
               max_batch: int = 8, batch_wait_s: float = 0.02, ins_max: int = 20, ins_per: int = 2,
               size: int | None = None, limits: Limits = Limits(), num_cpus: float = 1.0, threads: int = 0,
-              amp: str = "none"):
+              amp: str = "none", api_key: str | None = None):
     """The Serve application (pass to serve.run). size None: the model's training size; 0: native size.
-    threads: torch threads per replica (0: the default, which Ray sets from num_cpus); amp: none, bf16 or fp16."""
+    threads: torch threads per replica (0: the default, which Ray sets from num_cpus); amp: none, bf16 or fp16.
+    api_key: what POST /translate requires (None: nothing); only its SHA-256 is bound into the deployment."""
+    digest = None if api_key is None else api_key_digest(api_key)
     if amp not in AMP:
         raise ValueError(f"amp must be one of {sorted(AMP)}, got {amp!r}")
     validate_checkpoint(checkpoint, (DIRECTION_NETS[direction],) if direction in DIRECTION_NETS else ())
@@ -259,7 +413,7 @@ def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, de
     return InstaGANServer.options(num_replicas=num_replicas, max_ongoing_requests=2 * max_batch,
                                   ray_actor_options=actor).bind(
         str(Path(checkpoint).resolve()), direction, device, ins_max, ins_per, size, max_batch, batch_wait_s,
-        asdict(limits), threads, amp)
+        asdict(limits), threads, amp, digest)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, detach: bool = False,
@@ -271,7 +425,7 @@ def run(app, host: str = "127.0.0.1", port: int = 8000, address: str | None = No
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    print(f"[serve] http://{host}:{port}/translate ready{banner}; GET /healthz; Ctrl-C stops", flush=True)
+    print(f"[serve] http://{host}:{port}/translate ready{banner}; GET /healthz, /docs; Ctrl-C stops", flush=True)
     if detach:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it like Ctrl-C does
