@@ -4,6 +4,7 @@
     clf, meta = load_classifier("/tmp/clf.pt")                       # written by jobs/train_classifier.py
     validation_metrics(G_ab, G_ba, batch_a, batch_b, classifier=clf)  # {"val/bg_err_ab": ..., "val/score": ...}
     report = evaluate("ckpt/", "/tmp/synth", "test", "/tmp/clf.pt")  # what jobs/evaluate.py writes as JSON
+    evaluate(..., fid_weights="pt_inception-2015-12-05-6726825d.pth")  # + fid / kid per row (instagan/fid.py)
 
 Conventions: images (B, 3, H, W) in [-1, 1], masks (B, N, H, W) in [-1, 1] with valid (B, N) (instagan.masks); a
 pixel belongs to an instance where its mask is > 0. Every metric is a pure function returning per-image (B,) or
@@ -36,6 +37,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from instagan import masks as M
+from instagan.fid import INCEPTION_FID, build_feature_net, features, fid_kid_features
 from instagan.infer import Translation, Translator
 from instagan.train import unwrap
 
@@ -363,12 +365,16 @@ def _row(G: nn.Module | None, batches: list[dict[str, Tensor]], direction: str, 
 def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "test",
              classifier: str | Path | nn.Module | None = None, ins_max: int = 20, ins_per: int = 2,
              limit: int | None = None, batch_size: int = 8, grid_rows: int = 4,
-             device: str = "cpu", floors: bool = True) -> tuple[dict, Tensor]:
+             device: str = "cpu", floors: bool = True, fid_weights: str | Path | None = None,
+             fid_arch: str = INCEPTION_FID, fid_size: int | None = None) -> tuple[dict, Tensor]:
     """Translate a split a->b and b->a with a checkpoint's generators and with two floors (identity translation;
     untrained generators of the same config, seeded by its train.seed), and score them; the classifier's accuracy
     on the real images is the "real" row. -> (report dict, grid (3, H', W') in [0, 1]: per direction, input |
     input + masks | translated | translated + masks for the first `grid_rows` images, a2b above b2a, labelled and
-    shown at 128 px or more). floors=False: the model row only (the floors do not change along a run)."""
+    shown at 128 px or more). floors=False: the model row only (the floors do not change along a run).
+    fid_weights: a local weights file of the feature network `fid_arch` (instagan.fid.build_feature_net; fid_size
+    its input size): every row then also gets fid, kid_mean and kid_std of its translations against the real
+    target-domain images of the split (a2b: real b)."""
     from instagan import checkpoint, visual
     from instagan.train import build_networks
 
@@ -381,6 +387,7 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
     if isinstance(classifier, (str, Path)):
         classifier, clf_meta = load_classifier(classifier, device)
     data, skipped = _load_domains(data_root, split, cfg.data.size, limit, batch_size)
+    fid = _FID(fid_weights, fid_arch, fid_size, data, batch_size, device) if fid_weights is not None else None
     rows: dict[str, dict] = {"model": {}, "identity": {}, "untrained": {}} if floors else {"model": {}}
     grids, mask_mode = [], "instances"
     for direction, d, g in (("a2b", "a", "G_ab"), ("b2a", "b", "G_ba")):
@@ -388,6 +395,8 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
             if row not in rows:
                 continue
             rows[row][direction], mode, outs = _row(G, data[d], direction, classifier, ins_max, ins_per)
+            if fid is not None:
+                rows[row][direction].update(fid.score(None if G is None else [o.img for o in outs], d))
             if row == "model":
                 mask_mode = mode
                 grids += _grid_rows(data[d][0], outs[0], direction, grid_rows)
@@ -398,12 +407,39 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
     report = {
         "checkpoint": str(checkpoint_dir), "data_root": str(data_root), "split": split, "size": cfg.data.size,
         "arch": cfg.model.arch, "mask_mode": mask_mode, "ins_max": ins_max, "ins_per": ins_per,
-        "classifier": clf_meta, "rows": rows, "skipped": skipped,
-        "notes": _notes(cfg.model.arch, mask_mode, classifier is not None), "keys": METRIC_KEYS,
+        "classifier": clf_meta, "fid": None if fid is None else fid.meta, "rows": rows, "skipped": skipped,
+        "notes": _notes(cfg.model.arch, mask_mode, classifier is not None) + ([] if fid is None else [fid.note()]),
+        "keys": METRIC_KEYS, "config": cfg.to_dict(),
     }
     grid = visual.labelled_grid([cells for cells, _ in grids], list(GRID_COLUMNS), [label for _, label in grids],
                                 scale=max(1, 128 // cfg.data.size))
     return report, grid
+
+
+class _FID:
+    """FID/KID of each row against the real target images, their features computed once per domain."""
+
+    def __init__(self, weights: str | Path, arch: str, size: int | None, data: dict, batch_size: int, device: str):
+        self.net, self.batch_size, self.device = build_feature_net(arch, weights, size), batch_size, device
+        self.real = {d: self.features([b["img"] for b in data[d]]) for d in ("a", "b")}
+        self.meta = {"arch": arch, "weights": str(weights), "num_features": self.net.num_features,
+                     "size": 299 if self.net.uint8 else self.net.size}
+
+    def features(self, images: list[Tensor]) -> Tensor:
+        return features(images, self.net, self.batch_size, self.device)
+
+    def score(self, translated: list[Tensor] | None, source: str) -> dict:
+        """fid, kid_mean, kid_std, kid_subset_size of the translations of domain `source` (None: the identity,
+        the source images themselves) against the real images of the other domain."""
+        fake = self.real[source] if translated is None else self.features(translated)
+        return fid_kid_features(fake, self.real["b" if source == "a" else "a"])
+
+    def note(self) -> str:
+        n = min(len(v) for v in self.real.values())
+        return (f"fid, kid_mean, kid_std: {self.meta['arch']} features ({self.meta['weights']}) of the translated "
+                f"images vs the real target-domain images of the split (a2b: real b); the identity row compares "
+                f"the input images themselves. On {n} images FID is biased upward: compare the rows of this report, "
+                f"not published FIDs (those use the standard Inception on thousands of images)")
 
 
 def _load_domains(root, split: str, size: int, limit: int | None, batch_size: int) -> tuple[dict, list[dict]]:
@@ -476,6 +512,10 @@ METRIC_KEYS = {  # what each metric of evaluate's report means (the report's "ke
     "img_rect_in": "the same for the input masks",
     "img_shape": "image-based: share of instances that survive with the target domain's shape",
     "real": "classifier accuracy on the real images (acc_masked: on image x union of real masks)",
+    "fid": "Frechet distance of the translated and the real target-domain images' features (lower is better)",
+    "kid_mean": "kernel inception distance (polynomial-kernel MMD^2, unbiased) of the same features, mean over "
+                "random subsets of kid_subset_size images (lower is better; near 0 or below: no difference seen)",
+    "kid_std": "its standard deviation over the subsets (0 when a subset is the whole set)",
     "real_target": "the shape measures of REAL target-domain test images (a2b: real b, b2a: real a), the ceiling of a "
                    "translator whose outputs look like the target domain: occluded instances do not read as their "
                    "domain's shape",
@@ -494,20 +534,76 @@ def summary_table(report: dict, keys: tuple[str, ...] = ("img_shape", "mask_shap
         if row == "real":
             continue
         vals = [dirs.get(d, {}).get(k) for k, d in cols]
-        lines.append(f"| {row} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+        lines.append(f"| {row} | " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 
 
-def evaluate_run_end(checkpoint_dir: str | Path, data_root: str | Path, out: str | Path, split: str = "test",
-                     limit: int | None = 60) -> tuple[dict, Path] | None:
-    """The end of a training run: evaluate its last checkpoint on `split` of its data (at most `limit` images per
-    domain) against the floors, write <out>/metrics.json and <out>/grid.png. None when the split is missing."""
+def _fmt(v: float | None) -> str:
+    """3 decimals; 3 significant digits below 0.01 (KID values are often that small)."""
+    return "-" if v is None else f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}"
+
+
+REPORT_KEYS = ("fid", "kid_mean", "cls", "cls_masked", "img_shape", "mask_shape", "bg_err", "inst", "img_survive")
+
+
+def markdown_report(report: dict, command: str | None = None, grid: str | None = "grid.png") -> str:
+    """A self-contained Markdown page of an `evaluate` report: what was evaluated and how (`command`), the
+    metrics table with its floors, what each metric means, the grid image (a link relative to the page) and the
+    model config."""
+    rows = report["rows"]
+    shown = tuple(k for k in REPORT_KEYS if any(v.get(k) is not None for r, dirs in rows.items() if r != "real"
+                                                for v in dirs.values()))
+    n = {d: rows["model"][d]["images"] for d in ("a2b", "b2a")}
+    out = [f"# Evaluation of `{report['checkpoint']}`", "",
+           f"The `{report['split']}` split of `{report['data_root']}` at {report['size']} x {report['size']} px: "
+           f"{n['a2b']} images a->b, {n['b2a']} images b->a (unreadable rows skipped: {len(report['skipped'])}), model "
+           f"`{report['arch']}`, ins_max {report['ins_max']}, ins_per {report['ins_per']}."]
+    if command:
+        out += ["", "Command:", "", "```", command, "```"]
+    out += ["", "## Metrics", "",
+            "Rows: `model` is the checkpoint; the floors are `identity` (the input unchanged) and `untrained` "
+            "(freshly initialised generators of the same config); `real_target` measures the real target-domain "
+            "images as they are (the ceiling of the shape measures). A number means something only beside its "
+            "floors.", "", summary_table(report, shown)]
+    if "real" in rows:
+        out += ["", "Classifier accuracy on the real images:", "", "| domain | acc | acc_masked |", "|---|---|---|"]
+        out += [f"| {d} | {_fmt(v['acc'])} | {_fmt(v['acc_masked'])} |" for d, v in rows["real"].items()]
+    if report.get("fid"):
+        f = report["fid"]
+        out += ["", f"FID/KID feature network: `{f['arch']}` ({f['num_features']} features at {f['size']} px) "
+                    f"from `{f['weights']}`."]
+    out += ["", "What the metrics mean:", ""] + [f"- `{k}`: {report['keys'][k]}" for k in shown if k in report["keys"]]
+    out += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
+    if grid:
+        out += ["", "## Translations", "", f"Per direction and image: {' | '.join(GRID_COLUMNS)}.", "",
+                f"![translations a->b above b->a]({grid})"]
+    if report.get("config"):
+        out += ["", "## Config", "", "The checkpoint's config.json (model, losses, training, data):", "",
+                "```json", json.dumps(report["config"], indent=2), "```"]
+    return "\n".join(out) + "\n"
+
+
+def write_evaluation(report: dict, grid: Tensor, out: str | Path, command: str | None = None) -> Path:
+    """<out>/metrics.json, <out>/grid.png and <out>/report.md (markdown_report) of an `evaluate` result; -> the
+    grid's path."""
     from instagan import visual
 
-    if "://" in str(data_root) or not all(any((Path(data_root) / split / d).glob("part-*.parquet")) for d in "ab"):
-        return None
-    report, grid = evaluate(checkpoint_dir, data_root, split, limit=limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    return report, visual.save_png(grid, out / "grid.png")
+    path = visual.save_png(grid, out / "grid.png")
+    (out / "report.md").write_text(markdown_report(report, command, path.name))
+    return path
+
+
+def evaluate_run_end(checkpoint_dir: str | Path, data_root: str | Path, out: str | Path, split: str = "test",
+                     limit: int | None = 60, fid_weights: str | Path | None = None,
+                     fid_arch: str = INCEPTION_FID) -> tuple[dict, Path] | None:
+    """The end of a training run: evaluate its last checkpoint on `split` of its data (at most `limit` images per
+    domain) against the floors (with FID/KID given fid_weights), write <out>/metrics.json, <out>/grid.png and
+    <out>/report.md. None when the split is missing."""
+    if "://" in str(data_root) or not all(any((Path(data_root) / split / d).glob("part-*.parquet")) for d in "ab"):
+        return None
+    report, grid = evaluate(checkpoint_dir, data_root, split, limit=limit, fid_weights=fid_weights,
+                            fid_arch=fid_arch)
+    return report, write_evaluation(report, grid, out)

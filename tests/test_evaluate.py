@@ -1,17 +1,21 @@
-"""End to end: train the domain classifier for an epoch, evaluate a tiny checkpoint, check the JSON and the grid."""
+"""End to end: train the domain classifier for an epoch, evaluate a tiny checkpoint, check the JSON, the grid and
+the Markdown report (with FID/KID from a local feature-network file)."""
 
 import json
+import shlex
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from data_prep.synthetic import write_synthetic
 from instagan import checkpoint
 from instagan.config import Config
+from instagan.fid import build_feature_net, features, fid_kid_features
 from instagan.metrics import classification_score, classify, load_classifier, load_split, masked
 from instagan.synthetic import make_batch
 from instagan.train import TrainState, train_step
@@ -104,3 +108,35 @@ def test_evaluate_rejects_a_missing_split(setup, capsys):
         evaluate_job.main(["--checkpoint", str(tmp / "ckpt"), "--data-root", str(tmp / "data"), "--split", "nope",
                            "--out", str(tmp / "eval_nope")])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_evaluate_with_fid_weights_adds_fid_rows_and_a_report(setup):
+    tmp, _, _ = setup
+    torch.manual_seed(0)
+    weights = tmp / "resnet18.pt"  # a user's feature network file (random weights: the plumbing is what counts)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    argv = ["--checkpoint", str(tmp / "ckpt"), "--data-root", str(tmp / "data"), "--out", str(tmp / "eval_fid"),
+            "--fid-weights", str(weights), "--fid-arch", "resnet18", "--fid-size", "32"]
+    brief = evaluate_job.main(argv)
+    report = json.loads((tmp / "eval_fid" / "metrics.json").read_text())
+    rows = report["rows"]
+    assert report["fid"] == {"arch": "resnet18", "weights": str(weights), "num_features": 512, "size": 32}
+    for row in ("model", "identity", "untrained"):
+        for direction in ("a2b", "b2a"):
+            vals = rows[row][direction]
+            assert vals["fid"] > -1e-3 and vals["kid_std"] >= 0.0 and vals["kid_subset_size"] == 2, (row, direction)
+            assert brief["rows"][row][direction]["fid"] == round(vals["fid"], 3)
+    # The identity floor is the real source images against the real target images of the same split.
+    net = build_feature_net("resnet18", weights, size=32)
+    real = {d: features([b["img"] for b in load_split(tmp / "data", "test", d, 64)[0]], net) for d in "ab"}
+    for direction, src, dst in (("a2b", "a", "b"), ("b2a", "b", "a")):
+        expected = fid_kid_features(real[src], real[dst])
+        assert rows["identity"][direction]["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+        assert rows["identity"][direction]["kid_mean"] == pytest.approx(expected["kid_mean"], rel=1e-6)
+    assert rows["model"]["a2b"]["fid"] != pytest.approx(rows["identity"]["a2b"]["fid"])
+    md = (tmp / "eval_fid" / "report.md").read_text()
+    assert "| row | fid a2b | fid b2a | kid_mean a2b | kid_mean b2a |" in md
+    assert all(f"| {row} | " in md for row in ("model", "identity", "untrained"))
+    assert "](grid.png)" in md and (tmp / "eval_fid" / "grid.png").is_file()
+    assert shlex.join(["python", "jobs/evaluate.py", *argv]) in md  # the exact command
+    assert json.dumps(report["config"], indent=2) in md and '"ngf": 8' in md  # the model config
