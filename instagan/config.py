@@ -54,6 +54,7 @@ class ModelConfig:
     sharp: bool = False
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
+    d_mask: bool = False  # D has a head judging each mask alone (its shape, per instance)
 
     def __post_init__(self) -> None:
         _one_of("model.arch", self.arch, ("instagan", "cyclegan", "cyclegan_seg"))

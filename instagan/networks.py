@@ -272,9 +272,12 @@ class SetDiscriminator(nn.Module):
       needs the image.
     - img_head: a second PatchGAN head on the image features alone; the scores are then (B, 2, h, w), the joint
       head's and the image head's, and the least-squares losses average over both.
+    - mask_head: a PatchGAN of its own on each mask alone (`mask_scores`: each image's mean over its instances),
+      appended as one more score channel: a shape judged per instance, not diluted in the set's sum.
     """
 
-    def __init__(self, ndf: int = 64, img_channels: int = 3, inst_img: bool = False, img_head: bool = False):
+    def __init__(self, ndf: int = 64, img_channels: int = 3, inst_img: bool = False, img_head: bool = False,
+                 mask_head: bool = False):
         super().__init__()
         self.inst_img = inst_img
         self.feat_img = _feature_extractor(img_channels, ndf)  # f_DX
@@ -287,6 +290,11 @@ class SetDiscriminator(nn.Module):
             _sn_conv(4 * ndf, 8 * ndf, 1), nn.InstanceNorm2d(8 * ndf), nn.LeakyReLU(0.2, inplace=True),
             _sn_conv(8 * ndf, 1, 1),
         ) if img_head else None
+        self.mask_head = nn.Sequential(
+            *_feature_extractor(1, ndf),
+            _sn_conv(4 * ndf, 8 * ndf, 1), nn.InstanceNorm2d(8 * ndf), nn.LeakyReLU(0.2, inplace=True),
+            _sn_conv(8 * ndf, 1, 1),
+        ) if mask_head else None
 
     def _instances(self, masks: Tensor, valid: Tensor, img: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         sel, owner, weight = _gather_instances(masks, valid)
@@ -324,8 +332,18 @@ class SetDiscriminator(nn.Module):
         joint = self.classifier(torch.cat([feat, feat_set], 1))
         return joint if self.img_head is None else torch.cat([joint, self.img_head(feat)], 1)
 
+    def mask_scores(self, masks: Tensor, valid: Tensor) -> Tensor:
+        """The mask head's scores of each valid mask alone, averaged over each image's instances (0 for an image
+        without one): (B, N, H, W), (B, N) -> (B, 1, h, w), the size of the other heads' scores."""
+        sel, owner, weight = _gather_instances(masks, valid)
+        count = valid.sum(1).clamp(min=1).to(torch.float32)[:, None, None, None]
+        return _set_sum(self.mask_head(sel), owner, weight, masks.shape[0]) / count
+
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor, group: int = 0) -> Tensor:
-        return self.classify(img, self.set_feature(masks, valid, group, img))
+        scores = self.classify(img, self.set_feature(masks, valid, group, img))
+        if self.mask_head is None:
+            return scores
+        return torch.cat([scores, self.mask_scores(masks, valid).to(scores.dtype)], 1)
 
 
 class ImageGenerator(nn.Module):
@@ -404,7 +422,8 @@ def build_discriminator(model) -> nn.Module:
         raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")
     if model.arch == "cyclegan":
         return ImageDiscriminator(model.ndf)
-    return SetDiscriminator(model.ndf, inst_img=model.d_inst_img, img_head=model.d_img_head)
+    return SetDiscriminator(model.ndf, inst_img=model.d_inst_img, img_head=model.d_img_head,
+                            mask_head=model.d_mask)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -213,6 +213,8 @@ def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, 
     else:
         feat_prev = 0
     score = D.classify(fake_img, feat_prev + D.set_feature(fake_masks, valid, img=fake_img))
+    if getattr(D, "mask_head", None) is not None:  # each of this chunk's masks judged alone, as D.forward does
+        score = torch.cat([score, D.mask_scores(fake_masks, valid).to(score.dtype)], 1)
     weight = M.context_weight(masks, valid, fake_masks, valid)
     per = {
         "gan": L.lsgan(score, 1.0),

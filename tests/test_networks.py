@@ -20,7 +20,7 @@ def nets(request):
         return SetGenerator(ngf=8, n_blocks=2).eval(), SetDiscriminator(ndf=8).eval()
     levers = {**LEVERS, "paint": "extend"} if request.param == "extend" else LEVERS
     return (SetGenerator(ngf=8, n_blocks=2, **levers).eval(),
-            SetDiscriminator(ndf=8, inst_img=True, img_head=True).eval())
+            SetDiscriminator(ndf=8, inst_img=True, img_head=True, mask_head=True).eval())
 
 
 def test_parameter_counts_match_the_authors():
@@ -64,7 +64,7 @@ def test_discriminator_invariant_to_instance_order(nets):
     with torch.no_grad():
         s = D(batch["img"], batch["masks"], batch["valid"])
         s_p = D(batch["img"], batch["masks"][:, perm], batch["valid"][:, perm])
-    assert s.shape == (2, 1 if D.img_head is None else 2, 2, 2)
+    assert s.shape == (2, 1 + (D.img_head is not None) + (D.mask_head is not None), 2, 2)
     torch.testing.assert_close(s_p, s, rtol=1e-4, atol=1e-5)
 
 
@@ -343,3 +343,23 @@ def test_sharp_paints_every_pixel_the_translated_mask_claims_in_full():
     assert none.any() and torch.equal(y.permute(0, 2, 3, 1)[none], img.permute(0, 2, 3, 1)[none])
     gap = (y - y_soft).abs().amax(1)
     assert gap[soft].max() > 0.05
+
+
+def test_mask_head_judges_each_mask_alone_and_averages_per_image():
+    """D's mask head: its channel is the mean over an image's valid instances of a score of each mask alone, so
+    an image's score is the same whatever other images hold, and 0 without an instance; the other heads' scores
+    come first, unchanged."""
+    torch.manual_seed(0)
+    D = SetDiscriminator(ndf=8, mask_head=True).eval()
+    plain = SetDiscriminator(ndf=8).eval()
+    plain.load_state_dict({k: v for k, v in D.state_dict().items() if not k.startswith("mask_head.")})
+    batch = make_batch("b", 2, 32, ins=(2, 3))
+    img, masks, valid = batch["img"], batch["masks"], batch["valid"]
+    with torch.no_grad():
+        out = D(img, masks, valid)
+        alone = [D.mask_head(masks[0, n][None, None]) for n in range(int(valid[0].sum()))]
+        empty = D.mask_scores(masks, torch.zeros_like(valid))
+        torch.testing.assert_close(out[:, :1], plain(img, masks, valid))
+    assert out.shape[1] == 2
+    torch.testing.assert_close(out[0, 1:], torch.stack(alone).mean(0)[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(empty, torch.zeros_like(empty))
