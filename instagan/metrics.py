@@ -366,7 +366,8 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
              classifier: str | Path | nn.Module | None = None, ins_max: int = 20, ins_per: int = 2,
              limit: int | None = None, batch_size: int = 8, grid_rows: int = 4,
              device: str = "cpu", floors: bool = True, fid_weights: str | Path | None = None,
-             fid_arch: str = INCEPTION_FID, fid_size: int | None = None) -> tuple[dict, Tensor]:
+             fid_arch: str = INCEPTION_FID, fid_size: int | None = None,
+             progress: bool = False) -> tuple[dict, Tensor]:
     """Translate a split a->b and b->a with a checkpoint's generators and with two floors (identity translation;
     untrained generators of the same config, seeded by its train.seed), and score them; the classifier's accuracy
     on the real images is the "real" row. -> (report dict, grid (3, H', W') in [0, 1]: per direction, input |
@@ -374,7 +375,9 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
     shown at 128 px or more). floors=False: the model row only (the floors do not change along a run).
     fid_weights: a local weights file of the feature network `fid_arch` (instagan.fid.build_feature_net; fid_size
     its input size): every row then also gets fid, kid_mean and kid_std of its translations against the real
-    target-domain images of the split (a2b: real b)."""
+    target-domain images of the split (a2b: real b). progress: a tqdm bar on stderr, one tick per row and direction."""
+    from tqdm import tqdm
+
     from instagan import checkpoint, visual
     from instagan.train import build_networks
 
@@ -390,16 +393,20 @@ def evaluate(checkpoint_dir: str | Path, data_root: str | Path, split: str = "te
     fid = _FID(fid_weights, fid_arch, fid_size, data, batch_size, device) if fid_weights is not None else None
     rows: dict[str, dict] = {"model": {}, "identity": {}, "untrained": {}} if floors else {"model": {}}
     grids, mask_mode = [], "instances"
+    bar = tqdm(total=2 * len(rows), desc="[evaluate]", unit="row", disable=not progress)
     for direction, d, g in (("a2b", "a", "G_ab"), ("b2a", "b", "G_ba")):
         for row, G in (("model", trained[g].to(device)), ("identity", None), ("untrained", untrained[g].to(device))):
             if row not in rows:
                 continue
+            bar.set_postfix_str(f"{row} {direction}")
             rows[row][direction], mode, outs = _row(G, data[d], direction, classifier, ins_max, ins_per)
+            bar.update()
             if fid is not None:
                 rows[row][direction].update(fid.score(None if G is None else [o.img for o in outs], d))
             if row == "model":
                 mask_mode = mode
                 grids += _grid_rows(data[d][0], outs[0], direction, grid_rows)
+    bar.close()
     if floors:
         rows["real_target"] = _ceiling(data)
     if classifier is not None:

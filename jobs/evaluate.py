@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         report, grid = evaluate(a.checkpoint, a.data_root, a.split, a.classifier, a.ins_max, a.ins_per, a.limit,
                                 a.batch_size, device=a.device, fid_weights=a.fid_weights, fid_arch=a.fid_arch,
-                                fid_size=a.fid_size)
+                                fid_size=a.fid_size, progress=True)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         raise SystemExit(2)

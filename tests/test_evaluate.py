@@ -66,8 +66,10 @@ def test_evaluate_writes_json_and_grid(setup, capsys):
     tmp, clf_report, bad_id = setup
     brief = evaluate_job.main(["--checkpoint", str(tmp / "ckpt"), "--data-root", str(tmp / "data"),
                                "--classifier", str(tmp / "clf.pt"), "--out", str(tmp / "eval")])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
     assert printed == brief and brief["skipped"] == 1
+    assert "[evaluate]: 100%" in captured.err and "6/6" in captured.err  # tqdm: 3 rows x 2 directions
     report = json.loads((tmp / "eval" / "metrics.json").read_text())
     rows = report["rows"]
     assert set(rows) == {"model", "identity", "untrained", "real", "real_target"}
