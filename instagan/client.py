@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import requests
 from PIL import Image
+from tqdm import tqdm
 
 from data_prep.rows import UsageError
 from instagan.data import decode_masks
@@ -141,8 +142,9 @@ def write_result(out: Path, iid: str, answer: dict) -> None:
 
 
 def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out: str | Path, concurrency: int = 8,
-                         timeout: float = 300.0, api_key: str | None = None) -> dict:
-    """Translate (id, body) items through the server into `out`; returns a summary (counts, failures by id)."""
+                         timeout: float = 300.0, api_key: str | None = None, progress: bool = True) -> dict:
+    """Translate (id, body) items through the server into `out`; returns a summary (counts, failures by id).
+    progress: a tqdm bar on stderr (done, failed, rate); failures are printed above it as they come."""
     out = Path(out)
     for d in ("images", "masks"):
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -163,15 +165,19 @@ def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out
         return {**rec, "masks": len(answer["masks"]), "translated": sum(answer["translated"])}
 
     t0, ok, failed = time.perf_counter(), 0, {}
-    with open(out / "results.jsonl", "w") as log:
+    bar = tqdm(desc="[client] translated", unit="image", disable=not progress, file=sys.stderr,
+               total=len(items) if hasattr(items, "__len__") else None)
+    with open(out / "results.jsonl", "w") as log, bar:
         for _, f in bounded(items, one, concurrency):
             rec = f.result()
             log.write(json.dumps(rec) + "\n")
             if "error" in rec:
                 failed[rec["id"]] = f"{rec['status']}: {rec['error']}"
-                print(f"[client] {rec['id']}: failed ({rec['status']}): {rec['error']}", file=sys.stderr, flush=True)
+                bar.write(f"[client] {rec['id']}: failed ({rec['status']}): {rec['error']}", file=sys.stderr)
             else:
                 ok += 1
+            bar.update()
+            bar.set_postfix(failed=len(failed), refresh=False)
     wall = time.perf_counter() - t0
     shown = dict(list(failed.items())[:MAX_SHOWN])  # all of them are in results.jsonl
     return {"ok": ok, "failed": len(failed), "failures": shown, "wall_s": round(wall, 2),

@@ -130,6 +130,7 @@ class RunConfig:
     val_split: str = "test"  # split of data.root whose first val_images rows per domain form the validation set
     val_images: int = 16  # images per domain in the fixed validation set (resized to data.size, no augmentation)
     classifier: str = ""  # domain classifier weights for val/cls_* (jobs/train_classifier.py); "" = none
+    verbose: bool = False  # also print Ray Train's per-report logs and its known-harmless warnings
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--synthetic-n", type=int, default=600,
                    help="images per domain generated when data.root is empty (default 600: 540 train, 60 test)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray Train's per-report logs and known-harmless warnings (= --set run.verbose=true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (no Ray)")
     p.add_argument("--local", action="store_true",
                    help="train in this process without Ray (instagan.loop: the same loop in one process, no DDP)")
@@ -58,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shortcuts = {"run.name": args.name, "run.storage_path": args.storage_path, "run.workers": args.workers,
-                 "run.max_steps": args.max_steps, "data.root": args.data_root}
+                 "run.max_steps": args.max_steps, "data.root": args.data_root,
+                 "run.verbose": True if args.verbose else None}
     try:
         cfg = launch.load_config(args.config, shortcuts, args.overrides)
     except (OSError, ValueError, yaml.YAMLError) as err:

@@ -216,7 +216,7 @@ def test_decoding_checks_every_header_and_the_request_budget_before_any_pixel():
 
 
 @pytest.mark.slow
-def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path, monkeypatch):
+def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path, monkeypatch, capsys):
     src = tmp_path / "in"
     shutil.copytree(SAMPLE / "sampleA", src / "sampleA")
     shutil.copytree(SAMPLE / "sampleA_seg", src / "sampleA_seg")
@@ -226,6 +226,8 @@ def test_client_translates_a_folder_bounded_and_reports_bad_items(url, tmp_path,
     rc = serve_client.main(["--url", url, "--input", str(src), "--out", str(tmp_path / "out"), "--concurrency", "3",
                             "--api-key-env", "INSTAGAN_TEST_KEY"])
     assert rc == 1  # one item failed, the others went on
+    err = capsys.readouterr().err
+    assert "[client] broken: failed" in err and "[client] translated: 8image" in err and "failed=1" in err, err
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
     assert len(records) == 8 and records["broken"]["status"] is None  # data_prep's reader rejected it, not sent
     assert "unreadable" in records["broken"]["error"]

@@ -137,19 +137,35 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
         assert submitted.returncode == 0, logs[-5000:]
         job_info = local_cluster.http_get(f"{state['dashboard_url']}/api/jobs/train-1")
         assert job_info["status"] == "SUCCEEDED", job_info
+        # Resubmitted with --verbose and 2 more steps: it resumes, and Ray Train's per-report logs come back.
+        again = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", state["dashboard_url"],
+             "--submission-id", "train-2", "--working-dir", str(ROOT), "--",
+             "python", "jobs/train.py", "--config", str(config), "--storage-path", str(storage),
+             "--max-steps", "6", "--verbose"],
+            capture_output=True, text=True, timeout=400, env=client_env(), cwd=ROOT)
+        verbose_logs = again.stdout + again.stderr
+        assert again.returncode == 0, verbose_logs[-5000:]
     finally:
         local_cluster.stop(base)
     assert local_cluster.leftover_pids(base) == []
     run_dir = storage / "job"
     assert "[train] checkpoint:" in logs and "[train] TensorBoard:" in logs
-    (ckpt,) = run_dir.glob("checkpoint_step*")  # num_to_keep 1
-    assert ckpt.name.startswith("checkpoint_step00000004_")
+    # One progress line per run.log_every steps from rank 0, and no per-report dumps unless --verbose.
+    progress = [ln.split("[instagan] ", 1)[1] for ln in logs.splitlines() if "[instagan] step " in ln]
+    assert [p.split(" | ")[0] for p in progress] == ["step 2/4 (50%)", "step 4/4 (100%)"], progress
+    assert all(" samples/s | G " in p and " elapsed | ETA " in p for p in progress), progress
+    assert "TrainingReport(" not in logs and "TrainingReport(" in verbose_logs
+    assert "[instagan] step 6/6 (100%)" in verbose_logs and "resumed from" in verbose_logs
+    (ckpt,) = run_dir.glob("checkpoint_step*")  # num_to_keep 1: the resumed run's last
+    assert ckpt.name.startswith("checkpoint_step00000006_")
     assert {"state.pt", "config.json", "progress.json", "pools_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
     resolved = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     assert resolved.data.root == str(run_dir / "data") and resolved.run.storage_path == str(storage)
-    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png",
+                                                                           "step_000006.png"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     from instagan import checkpoint
 
     cfg, payload = checkpoint.load(ckpt)
-    assert payload["step"] == 4 and cfg.model.ngf == 4
+    assert payload["step"] == 6 and cfg.model.ngf == 4

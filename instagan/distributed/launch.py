@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -175,6 +176,10 @@ def run(cfg: Config, address: str | None = None, local: bool = False, synthetic_
         report_test_split(cfg, str(last), folder)
         return 0
 
+    if not cfg.run.verbose:  # Ray's own deprecation notices about its internals (e.g. Train's ingest options)
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     init_ray(address, cfg.run.workers * cfg.run.cpus_per_worker)
     from ray.train import TrainingFailedError
 

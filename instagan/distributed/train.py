@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -102,6 +103,18 @@ def run_folder(cfg: Config) -> Path:
     return Path(tempfile.gettempdir()) / "instagan" / cfg.run.name
 
 
+def quiet_report_logs() -> None:
+    """Ray Train logs each ray.train.report at INFO on the worker ("Reporting training result N: TrainingReport(
+    ...20 floats...)"), which the driver prints per rank, and "Moving model to device / Wrapping provided model in
+    DistributedDataParallel" per network; the loop's progress line says what matters in one line. Raises those
+    loggers (the first is named after its file, execution/context.py) to WARNING in this process."""
+    suffix = os.path.join("execution", "context.py")
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(suffix) and "train" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2.torch.train_loop_utils").setLevel(logging.WARNING)
+
+
 class RayHost(Host):
     """A Ray Train worker: DDP-wrapped networks, this rank's dataset shards, checkpoints through ray.train.report."""
 
@@ -110,6 +123,8 @@ class RayHost(Host):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if not cfg.run.verbose:
+            quiet_report_logs()
         self.rank, self.world = rank_world()
         self.device = ray.train.torch.get_device()
         self.folder = run_folder(cfg)
