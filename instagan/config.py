@@ -74,6 +74,10 @@ class LossConfig:
     # beyond the paper (0 = off): context loss inside the objects too, where a pixel is the same instance before and
     # after (input mask and its translation): for translations that change shapes, not appearance
     lambda_keep: float = 0.0
+    # beyond the paper (False = off): the image cycle loss skips the pixels whose instance shape the translation
+    # changed (masks.shape_change): what a grown object covers is lost, and asking for it back rewards keeping the
+    # old shape in the image
+    cyc_free_change: bool = False
 
 
 @dataclass(frozen=True)

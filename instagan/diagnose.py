@@ -67,7 +67,9 @@ def diagnose_checkpoint(ckpt: str | Path, batch_a: dict, batch_b: dict) -> dict:
     weight = M.context_weight(masks, valid, fake_masks, valid)
     terms = {
         "gan": lam.lambda_gan * L.lsgan(D(fake_img, fake_masks, valid), 1.0).mean(),
-        "cyc": lam.lambda_cyc * L.masked_l1(rec_img, rec_masks, valid, a["img"], masks).mean(),
+        "cyc": lam.lambda_cyc * L.masked_l1(rec_img, rec_masks, valid, a["img"], masks,
+                                            1 - M.shape_change(masks, valid, fake_masks.detach())
+                                            if lam.cyc_free_change else None).mean(),
         "ctx": lam.lambda_ctx * L.context(a["img"], fake_img, weight).mean(),
         "idt": lam.lambda_idt * L.masked_l1(idt_img, idt_masks, b_valid, b["img"], b_masks).mean(),
     }

@@ -18,14 +18,17 @@ def lsgan(pred: Tensor, target: float) -> Tensor:
     return (pred.float() - target).pow(2).flatten(1).mean(1)
 
 
-def masked_l1(img: Tensor, masks: Tensor, valid: Tensor, img_ref: Tensor, masks_ref: Tensor) -> Tensor:
+def masked_l1(img: Tensor, masks: Tensor, valid: Tensor, img_ref: Tensor, masks_ref: Tensor,
+              img_weight: Tensor | None = None) -> Tensor:
     """L1 between (img, masks) and (img_ref, masks_ref), averaged over the channels of [img; masks] as the
     authors' code does on the concatenated tensor; padding slots contribute 0 whatever their values.
 
     (B, 3, H, W), (B, N, H, W), (B, N), (B, 3, H, W), (B, N, H, W) -> (B,). Used for the cycle loss
-    (rec vs input) and the identity loss (G_ab(b) vs b).
+    (rec vs input) and the identity loss (G_ab(b) vs b). img_weight (B, 1, H, W): weights the image's pixels
+    (the cycle loss with loss.cyc_free_change), the normalisation stays the same.
     """
-    d_img = (img.float() - img_ref.float()).abs().sum(dim=(1, 2, 3))
+    diff = (img.float() - img_ref.float()).abs()
+    d_img = (diff if img_weight is None else diff * img_weight.float()).sum(dim=(1, 2, 3))
     d_masks = ((masks.float() - masks_ref.float()).abs().sum(dim=(2, 3)) * valid).sum(1)
     channels = img.shape[1] + masks.shape[1]
     return (d_img + d_masks) / (channels * img.shape[2] * img.shape[3])

@@ -92,6 +92,14 @@ def keep_weight(masks: Tensor, valid: Tensor, out_masks: Tensor) -> Tensor:
     return both.sum(1, keepdim=True).clamp(max=1)
 
 
+def shape_change(masks: Tensor, valid: Tensor, out_masks: Tensor) -> Tensor:
+    """Where a translation changed an instance's shape: 1 where some valid instance n is in its input mask and not
+    in its translated mask or the other way round (both read as > 0), else 0. (B, N, H, W), (B, N), (B, N, H, W)
+    -> (B, 1, H, W) fp32. What lay behind a grown object, or under a shrunk one, cannot be reconstructed."""
+    flip = (masks > 0) != (out_masks > 0)
+    return (flip & valid[:, :, None, None]).any(1, keepdim=True).float()
+
+
 def pad_sets(sets: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Mask sets of different sizes [(K_i, H, W)] -> (B, N, H, W) masks, (B, N) valid: each set in its own order,
     padded to N = max(1, max K_i) with invalid empty (-1) slots; on the sets' device and dtype."""

@@ -197,8 +197,8 @@ def _segmenter_step(state: "TrainState", a: dict[str, Tensor], b: dict[str, Tens
 
 
 def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, masks: Tensor, valid: Tensor,
-                        active: Tensor, S: nn.Module | None = None,
-                        keep: bool = False) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+                        active: Tensor, S: nn.Module | None = None, keep: bool = False,
+                        free_change: bool = False) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
     """GAN, cycle and context losses of direction x -> y for one chunk (and with S the segmentation consistency):
     G translates, F translates back, D and S (underlying modules; no gradient reaches their parameters) judge y'
     (D with every mask translated so far).
@@ -218,7 +218,8 @@ def _translation_losses(G: nn.Module, F: nn.Module, D: nn.Module, d: Direction, 
     weight = M.context_weight(masks, valid, fake_masks, valid)
     per = {
         "gan": L.lsgan(score, 1.0),
-        "cyc": L.masked_l1(rec_img, rec_masks, valid, d.x, masks),
+        "cyc": L.masked_l1(rec_img, rec_masks, valid, d.x, masks,
+                           1 - M.shape_change(masks, valid, fake_masks.detach()) if free_change else None),
         "ctx": L.context(d.x, fake_img, weight),
     }
     if S is not None:
@@ -269,7 +270,8 @@ def _generator_pass(nets: dict[str, nn.Module], lam, k: str, kind: str, d: Direc
     if kind == "idt":
         idt = _identity_loss(F, d, masks, valid, active)
         return lam.lambda_idt * idt, {f"loss/idt_{k[::-1]}": idt}, None
-    terms, out = _translation_losses(G, F, D, d, masks, valid, active, S, keep=lam.lambda_keep > 0)
+    terms, out = _translation_losses(G, F, D, d, masks, valid, active, S, keep=lam.lambda_keep > 0,
+                                     free_change=lam.cyc_free_change)
     loss = lam.lambda_gan * terms["gan"] + lam.lambda_cyc * terms["cyc"] + lam.lambda_ctx * terms["ctx"]
     named = {f"loss/G_gan_{k}": terms["gan"], f"loss/cyc_{k[0]}": terms["cyc"], f"loss/ctx_{k}": terms["ctx"]}
     if S is not None:

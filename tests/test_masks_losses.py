@@ -100,3 +100,28 @@ def test_keep_weight_is_one_where_an_instance_stays_itself():
     assert torch.equal(w, expected)
     w_both = M.keep_weight(masks, torch.tensor([[True, True]]), out)
     assert torch.equal(w_both, expected)  # instance 1's input and translation do not overlap
+
+
+def test_cycle_loss_free_of_shape_changes_skips_exactly_the_changed_pixels():
+    """masks.shape_change marks the pixels an instance gained or lost (input mask xor its translation, padding
+    ignored); the cycle L1 weighted by 1 - that is blind to any reconstruction there and sees every other pixel."""
+    masks = torch.full((1, 2, 8, 8), -1.0)
+    masks[0, 0, 2:5, 2:5] = 1
+    out = masks.clone()
+    out[0, 0, 1:6, 1:6] = 0.4  # instance 0 grows by one pixel all round
+    out[0, 0, 3, 3] = -0.2  # and loses one pixel
+    out[0, 1, :, :] = 1  # a padding slot, ignored
+    valid = torch.tensor([[True, False]])
+    changed = M.shape_change(masks, valid, out)
+    expect = torch.zeros(1, 1, 8, 8)
+    expect[0, 0, 1:6, 1:6] = 1
+    expect[0, 0, 2:5, 2:5] = 0
+    expect[0, 0, 3, 3] = 1
+    assert torch.equal(changed, expect)
+    x = torch.rand(1, 3, 8, 8)
+    rec = x.clone()
+    rec[:, :, changed[0, 0] > 0] += 0.7  # wrong only where the shape changed
+    base = L.masked_l1(rec, masks, valid, x, masks)
+    assert base > 0 and L.masked_l1(rec, masks, valid, x, masks, 1 - changed) == 0
+    rec[:, :, 7, 7] += 0.5  # and once elsewhere: seen
+    assert L.masked_l1(rec, masks, valid, x, masks, 1 - changed) > 0

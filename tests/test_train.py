@@ -82,7 +82,7 @@ def _params(state):
 # The quality recipe's options (README "Quality"): every one of them must checkpoint and resume exactly too.
 RECIPE = {"model": {"composite": True, "paint": "extend", "sharp": True, "mask_cond": True, "d_img_head": True,
                     "d_mask": True},
-          "loss": {"lambda_seg": 2.0}}
+          "loss": {"lambda_seg": 2.0, "cyc_free_change": True}}
 
 
 @pytest.mark.parametrize("recipe", [False, True], ids=["paper", "recipe"])
