@@ -179,7 +179,7 @@ def _check_range(key: str, value: Any) -> None:
         raise ValueError(f"config key '{key}' must be < 1, got {value!r}")
 
 
-def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+def section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -242,7 +242,7 @@ class Config:
             trim = train.pop("trim_heap")
             train.setdefault("memory", "lean" if trim in (True, "true", "True", 1) else "plain")
             values["train"] = train
-        return cls(**{k: _section_from_dict(c, values.get(k, {}), k) for k, c in _SECTIONS.items()})
+        return cls(**{k: section_from_dict(c, values.get(k, {}), k) for k, c in _SECTIONS.items()})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":

@@ -1,5 +1,6 @@
 """What a translation takes in: a collection of images with their instance masks, listed without decoding (a
-data_prep Parquet set or file, an InstaGAN folder, a COCO json), its rows read in this process, and one row
+data_prep Parquet set or file, an InstaGAN folder, a COCO json) or of images alone (a plain folder of images, or
+a Parquet set without masks: instagan.segment predicts the masks), its rows read in this process, and one row
 decoded. jobs/translate.py (through instagan.distributed.translate, which reads the same rows with Ray Data) and
 jobs/serve_client.py use it; no Ray here.
 
@@ -7,7 +8,9 @@ jobs/serve_client.py use it; no Ray here.
     for row in iter_input_rows(source): img, masks = decode_row(row)   # uint8 (H, W, 3), bool (K, H, W)
 
 Rows follow ROWS: data_prep's columns plus `source` and `problems` (a JSON list of data_prep quarantine rows; a
-row whose image is null is not translated). Folder and COCO inputs are converted by data_prep's own readers.
+row whose image is null is not translated). Folder and COCO inputs are converted by data_prep's own readers; an
+image folder's files are read as they are (PNG, JPEG or WebP; masks empty; ids = paths below the folder without
+their suffix). A Parquet input needs the columns id and image; masks, height and width may be left out.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import coco, folder
-from data_prep.rows import BadInput, Options, UsageError, open_image, rgb_array
+from data_prep.rows import BadInput, Options, UsageError, open_image, quarantine_row, rgb_array
 from data_prep.writer import guarded
 from instagan.data import decode_masks
 
@@ -34,15 +37,16 @@ ROWS = pa.schema([  # what the translate actors take: data_prep's columns, plus 
     ("problems", pa.string()),  # JSON list of quarantine rows; a row without image is not translated
 ])
 SOURCE_DOMAIN = {"a2b": "a", "b2a": "b"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what an image folder's files may be (data_prep's formats)
 
 
 @dataclass
 class Source:
     """One collection to translate, listed but not decoded."""
-    kind: str  # parquet | folder | coco
+    kind: str  # parquet | folder | coco | images
     domain: str  # the translated domain (a or b)
     files: list[str] = field(default_factory=list)  # parquet: the part files
-    tasks: list[tuple] = field(default_factory=list)  # folder/coco: data_prep conversion tasks, one per image
+    tasks: list[tuple] = field(default_factory=list)  # folder/coco: data_prep conversion tasks; images: (id, path)
     problems: list[dict] = field(default_factory=list)  # inputs rejected while listing (duplicates, orphans...)
 
     def ids(self) -> list[str]:
@@ -58,7 +62,9 @@ def detect_kind(path: Path) -> str:
         return "parquet"
     if path.is_dir() and any(p.is_dir() and folder.PAIR.match(p.name) for p in path.iterdir()):
         return "folder"
-    raise UsageError(f"cannot tell the kind of input {path}: pass --kind parquet|folder|coco")
+    if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        return "images"
+    raise UsageError(f"cannot tell the kind of input {path}: pass --kind parquet|folder|coco|images")
 
 
 def resolve_input(path: str | Path, kind: str = "auto", direction: str = "a2b", split: str | None = None,
@@ -94,7 +100,50 @@ def resolve_input(path: str | Path, kind: str = "auto", direction: str = "a2b", 
         ids = {str(t[0]) for t in tasks}
         return Source("coco", domain, tasks=tasks,
                       problems=[q for q in problems if q["id"] in ids or q["kind"] == "image"])
-    raise UsageError(f"--kind must be parquet, folder or coco, got {kind!r}")
+    if kind == "images":
+        return _image_folder(path, domain)
+    raise UsageError(f"--kind must be parquet, folder, coco or images, got {kind!r}")
+
+
+def _image_folder(path: Path, domain: str) -> Source:
+    """Every image file below `path` (IMAGE_SUFFIXES, hidden files left out), id = its relative path without the
+    suffix; a second file of the same id (a.png and a.jpg) is reported as duplicate_id."""
+    if not path.is_dir():
+        raise UsageError(f"an image folder input must be a folder, got {path}")
+    tasks, problems, seen = [], [], set()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or any(x.startswith(".") for x in rel.parts):
+            continue
+        iid = rel.with_suffix("").as_posix()
+        if iid in seen:
+            problems.append(quarantine_row(iid, str(p), "duplicate_id", "another file of this id comes first"))
+            continue
+        seen.add(iid)
+        tasks.append((iid, str(p)))
+    if not tasks:
+        raise UsageError(f"no image ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    return Source("images", domain, tasks=tasks, problems=problems)
+
+
+def image_row(task: tuple[str, str]) -> dict:
+    """An image folder's (id, path) -> a ROWS row without masks; a file that cannot be read or is not a PNG, JPEG
+    or WebP image comes back with image None and the reason (the header is checked here, pixels in the actor)."""
+    iid, path = task
+    try:
+        raw = Path(path).read_bytes()
+        with open_image(raw) as im:
+            width, height = im.size
+    except OSError as e:
+        return _unread(iid, path, "missing_file", f"{type(e).__name__}: {e}")
+    except BadInput as e:
+        return _unread(iid, path, e.reason, e.detail)
+    return {"id": iid, "image": raw, "height": height, "width": width, "masks": [], "source": path, "problems": ""}
+
+
+def _unread(iid: str, path: str, reason: str, detail: str) -> dict:
+    return {"id": iid, "image": None, "height": 0, "width": 0, "masks": [], "source": path,
+            "problems": json.dumps([quarantine_row(iid, path, reason, detail)])}
 
 
 def _parquet_files(path: Path, split: str | None, domain: str) -> list[str]:
@@ -111,7 +160,7 @@ def _parquet_files(path: Path, split: str | None, domain: str) -> list[str]:
     files = sorted(str(p) for p in path.rglob("*.parquet"))
     if not files:
         raise UsageError(f"no .parquet file under {path}")
-    missing = {"id", "image", "height", "width", "masks"} - set(pq.read_schema(files[0]).names)
+    missing = {"id", "image"} - set(pq.read_schema(files[0]).names)
     if missing:
         raise UsageError(f"{files[0]} lacks the column(s) {', '.join(sorted(missing))} (data_prep's schema)")
     return files
@@ -133,6 +182,9 @@ def iter_input_rows(source: Source, skip_ids: Iterable[str] = ()) -> Iterator[di
     for q in source.problems:
         yield {"id": q["id"], "image": None, "height": 0, "width": 0, "masks": [], "source": q["source"],
                "problems": json.dumps([q])}
+    if source.kind == "images":
+        yield from (image_row(t) for t in source.tasks if t[0] not in skip)
+        return
     if source.kind != "parquet":
         fn = {"folder": folder.convert, "coco": coco.convert}[source.kind]
         for task in source.tasks:
@@ -147,15 +199,19 @@ def iter_input_rows(source: Source, skip_ids: Iterable[str] = ()) -> Iterator[di
 
 
 def parquet_columns(file: str) -> list[str]:
+    """The ROWS columns a Parquet input has (id and image always; masks, height, width and source if there)."""
     names = pq.read_schema(file).names
-    return ["id", "image", "height", "width", "masks"] + (["source"] if "source" in names else [])
+    return [c for c in ("id", "image", "height", "width", "masks", "source") if c in ("id", "image") or c in names]
 
 
 def convert_tasks(batch: pa.Table, kind: str) -> pa.Table:
-    """Ray Data map function: pickled data_prep tasks -> rows in ROWS (failed images with image null)."""
+    """Ray Data map function: pickled data_prep tasks (image folder: (id, path)) -> rows in ROWS (failed images
+    with image null)."""
+    tasks = [pickle.loads(t) for t in batch["task"].to_pylist()]
+    if kind == "images":
+        return pa.Table.from_pylist([image_row(t) for t in tasks], schema=ROWS)
     fn = {"folder": folder.convert, "coco": coco.convert}[kind]
-    return pa.Table.from_pylist([r for t in batch["task"].to_pylist() for r in _convert(pickle.loads(t), fn)],
-                                schema=ROWS)
+    return pa.Table.from_pylist([r for t in tasks for r in _convert(t, fn)], schema=ROWS)
 
 
 class BadRow(Exception):
@@ -166,7 +222,8 @@ class BadRow(Exception):
 
 def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
     """A ROWS row -> (uint8 (H, W, 3), bool (K, H, W)); raises BadRow(unreadable_image | unsupported_format |
-    too_large | bad_masks). Images are decoded as PNG, JPEG or WebP only (data_prep.rows.open_image)."""
+    too_large | bad_masks). Images are decoded as PNG, JPEG or WebP only (data_prep.rows.open_image). A row
+    without masks (none listed, or no masks column) gives K = 0 at the image's size."""
     try:
         with open_image(row["image"]) as im:
             img = rgb_array(im)
@@ -174,8 +231,10 @@ def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
         raise BadRow(e.reason, e.detail) from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on data corrupt past the header
         raise BadRow("unreadable_image", f"{type(e).__name__}: {e}") from None
+    if not row.get("masks"):
+        return img, np.zeros((0, *img.shape[:2]), bool)
     try:
-        masks = decode_masks(row["masks"] or [], row["height"], row["width"])
+        masks = decode_masks(row["masks"], row["height"], row["width"])
     except Exception as e:
         raise BadRow("bad_masks", f"{type(e).__name__}: {e}") from None
     return img, masks
@@ -183,7 +242,8 @@ def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def add_input_arguments(p: argparse.ArgumentParser, direction_default: str | None, direction_help: str) -> None:
     """The flags that pick the input rows (resolve_input's arguments); jobs/translate.py and jobs/serve_client.py."""
-    p.add_argument("--kind", choices=("auto", "parquet", "folder", "coco"), default="auto")
+    p.add_argument("--kind", choices=("auto", "parquet", "folder", "coco", "images"), default="auto",
+                   help="images: a plain folder of PNG/JPEG/WebP files without masks (with --masks predict)")
     p.add_argument("--direction", choices=("a2b", "b2a"), default=direction_default, help=direction_help)
     p.add_argument("--split", help="split of a data_prep set, or phase of an InstaGAN folder (needed if several)")
     p.add_argument("--images", help="COCO: the image folder")

@@ -4,6 +4,8 @@
     python jobs/translate.py --checkpoint CKPT --input ../shared/data/shp2gir_coco_sample --direction b2a \\
         --out /tmp/giraffe2sheep --png /tmp/giraffe2sheep_png
     python jobs/translate.py --checkpoint CKPT --input trainval.json --images images --a date --b fig --out /tmp/t
+    python jobs/translate.py --checkpoint CKPT --input photos/ --masks predict --out /tmp/t \
+        --segmenter maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --category sheep     # images without masks
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/translate.py --checkpoint \\
         /shared/ckpt --input /shared/coco_parquet --split test --out s3://bucket/translated --device cuda --actors 8
 
@@ -11,7 +13,17 @@ Input (--kind, detected when left out): `parquet`, a data set written by data_pr
 domain being the direction's source: a for a2b) or any Parquet file or folder with data_prep's columns; `folder`,
 the InstaGAN layout (<phase>A/<id>.png + <phase>A_seg/<id>_<k>.png; --split picks the phase); `coco`, an
 instances json with --images, --a and --b (data_prep coco's flags). Folder and COCO inputs are converted on the fly
-by data_prep's own readers (data_prep.folder / data_prep.coco plan() and convert()) in Ray tasks.
+by data_prep's own readers (data_prep.folder / data_prep.coco plan() and convert()) in Ray tasks; `images`, a plain
+folder of PNG/JPEG/WebP files (ids: their paths below the folder without the suffix), has no masks.
+
+Masks (--masks): `given` (the default) translates with the input's masks; `predict` finds them with an instance
+segmenter (--segmenter: torchvision's COCO Mask R-CNN weights file, downloaded once, or a checkpoint of
+jobs/train_segmenter.py; --category: the COCO name or id, or the segmenter's own class; --score-threshold,
+--min-instance-area; at most --ins-max instances per image), ignoring any given masks; `auto` predicts only for
+images without masks (a plain image folder, Parquet rows with no masks). Each actor loads the segmenter beside its
+Translator (on --device). Predicted masks are written beside the translated ones (columns predicted, input_masks,
+scores, segmenter, segment_s); an image where nothing is found is listed in the skipped report with the reason
+no_instances_detected.
 
 Sizes (--size): `model` (the default) resizes every image to the checkpoint's training size (data.size, the scale
 the generator learned), translates it and resizes the image and masks back to the input's own size; `native`
@@ -77,9 +89,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per actor call and per generator batch")
     p.add_argument("--rows-per-file", type=int, default=128, help="most rows per output part file")
     p.add_argument("--png", help="also write <id>.png overlays (input and translation with masks) to this folder")
+    p.add_argument("--masks", choices=("given", "predict", "auto"), default="given",
+                   help="given: the input's masks; predict: the segmenter's for every image; auto: the segmenter's "
+                        "for images without masks")
+    p.add_argument("--segmenter", help="instance segmenter weights (torchvision COCO Mask R-CNN file or a "
+                                       "jobs/train_segmenter.py checkpoint) for --masks predict|auto")
+    p.add_argument("--category", help="what the segmenter looks for: a COCO name or id (e.g. sheep), or the "
+                                      "segmenter's own class (default: its only one)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="least segmenter score of a kept instance")
+    p.add_argument("--min-instance-area", type=int, default=16, help="least pixels of a kept predicted instance")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bar")
     return p.parse_args(argv)
+
+
+def check_segmenter(args: argparse.Namespace) -> None:
+    """--masks predict|auto need a segmenter that loads and knows --category: checked before Ray starts (the
+    actors load it again). Raises UsageError."""
+    if args.masks == "given":
+        if args.segmenter or args.category:
+            raise UsageError("--segmenter and --category are for --masks predict or auto")
+        return
+    if not args.segmenter:
+        raise UsageError(f"--masks {args.masks} needs --segmenter (a weights file)")
+    if not 0 <= args.score_threshold <= 1 or args.min_instance_area < 0:
+        raise UsageError("--score-threshold must be in [0, 1] and --min-instance-area >= 0")
+    if "://" not in args.segmenter:
+        from instagan.segment import InstanceSegmenter
+
+        try:
+            InstanceSegmenter.from_file(args.segmenter, category=args.category)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                 validate_checkpoint(args.checkpoint, (DIRECTIONS[args.direction],))
             except (OSError, ValueError) as err:
                 raise UsageError(str(err)) from None
+        check_segmenter(args)
         source = inputs.resolve_input(args.input, args.kind, args.direction, args.split, args.images, args.a,
                                       args.b, args.threshold)
+        if source.kind == "images" and args.masks == "given":
+            raise UsageError(f"{args.input} is a folder of images without masks: pass --masks predict (or auto) "
+                             f"and --segmenter")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -105,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         source, args.checkpoint, args.out, direction=args.direction, size=args.size, ins_max=args.ins_max,
         ins_per=args.ins_per, device=args.device, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         threads=args.threads, batch_size=args.batch_size, rows_per_file=args.rows_per_file, amp=args.amp,
-        png=args.png, progress=not args.no_progress)
+        png=args.png, progress=not args.no_progress, masks=args.masks, segmenter=args.segmenter,
+        category=args.category, score_threshold=args.score_threshold, min_area=args.min_instance_area)
     print(json.dumps(summary))
     if summary["unreadable_parts"]:
         print(f"[translate] {len(summary['unreadable_parts'])} unreadable part file(s) moved to {args.out}/unreadable "
               f"and their ids translated again: {', '.join(summary['unreadable_parts'])}", file=sys.stderr)
+    if summary["predicted"]:
+        print(f"[translate] {summary['predicted']} image(s) translated with predicted masks", file=sys.stderr)
     if summary["skipped"]:
         print(f"[translate] {summary['skipped']} input(s) skipped, reasons in "
               f"{args.out}/skipped-{summary['run']}.jsonl", file=sys.stderr)

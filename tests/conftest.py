@@ -32,3 +32,27 @@ def tiny_checkpoint(directory, size: int):
     state = TrainState.create(cfg)
     train_step(state, make_batch("a", 2, size), make_batch("b", 2, size))
     return checkpoint.save(state, directory)
+
+
+@pytest.fixture(scope="session")
+def small_segmenter(tmp_path_factory):
+    """The small instance segmenter of domain a's ellipses trained once for the session: 200 steps of 4 images from
+    scratch on one core (about 2-3 minutes), on a generated set of 600 images per domain. -> (data root, the
+    checkpoint folder). tests/test_segment.py measures it, tests/test_translate_segment.py translates with it."""
+    import torch
+
+    from data_prep.synthetic import write_synthetic
+    from instagan.segment_train import SegmentConfig, train_local
+
+    base = tmp_path_factory.mktemp("segmenter")
+    root = str(base / "data")
+    write_synthetic(root, n=600, size=64)
+    cfg = SegmentConfig.from_dict({"data": {"root": root, "domains": "a"}, "train": {"steps": 200},
+                                   "run": {"log_every": 50, "checkpoint_every": 100}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_local(cfg, base / "run")
+    finally:
+        torch.set_num_threads(threads)
+    return root, base / "run" / "checkpoint_step00000200"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["instagan.networks", "instagan.train", "instagan.loop", "instagan.infer", "instagan.data",
-        "instagan.metrics", "instagan.visual", "instagan.checkpoint", "instagan.distributed"]
+        "instagan.metrics", "instagan.visual", "instagan.checkpoint", "instagan.segment", "instagan.segment_train",
+        "instagan.distributed"]
 
 
 def test_the_core_imports_without_ray():

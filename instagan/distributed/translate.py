@@ -3,6 +3,13 @@ by id, every input that was not translated reported with its reason (jobs/transl
 
     source = instagan.inputs.resolve_input(path, direction="a2b")
     summary = translate_collection(source, checkpoint, out, actors=2)   # Ray initialised; -> the run summary
+    summary = translate_collection(source, checkpoint, out, masks="predict", segmenter="seg.pt", category="sheep")
+
+Masks (`masks`): "given" translates with the input's masks; "predict" has an instagan.segment.InstanceSegmenter,
+loaded once per actor beside the Translator, find the instances of `category` in every image and translates with
+those; "auto" predicts only for images that come without masks. Predicted masks are written beside the translated
+ones (`input_masks`, `scores`, `predicted` true); an image where nothing is found is reported as skipped with the
+reason no_instances_detected.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ OUTPUT = pa.schema([
     ("width", pa.int32()), ("masks", pa.list_(pa.binary())), ("areas", pa.list_(pa.int64())),
     ("translated", pa.list_(pa.bool_())), ("direction", pa.string()), ("checkpoint", pa.string()),
     ("source", pa.string()), ("time_s", pa.float64()),
+    ("predicted", pa.bool_()),  # the input masks were predicted by the segmenter (--masks predict|auto)
+    ("input_masks", pa.list_(pa.binary())),  # the predicted input masks (COCO RLE); empty when given
+    ("scores", pa.list_(pa.float64())),  # the segmenter's score of each predicted mask; empty when given
+    ("segmenter", pa.string()),  # the segmenter file that predicted them; null when given
+    ("segment_s", pa.float64()),  # the image's share of its batch's segmenter time; null when given
 ])
+MASK_MODES = ("given", "predict", "auto")
 ACTOR_OUT = OUTPUT.append(pa.field("problems", pa.string()))
 PART = re.compile(r"^part-.+\.parquet$")
 UNREADABLE = "unreadable"  # <out>/unreadable/: part files a resume could not read, moved aside
@@ -57,31 +70,56 @@ def read_input(source: Source, skip_ids: Iterable[str] = ()):
 # ---- translation ---------------------------------------------------------------------------------------------
 
 def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, direction: str, checkpoint: str,
-                   png_dir: str | None = None) -> list[dict]:
+                   png_dir: str | None = None, segmenter=None, masks: str = "given",
+                   segmenter_path: str | None = None) -> list[dict]:
     """Translate ROWS rows with an instagan.infer.Translator -> rows in ACTOR_OUT, failed ones with image None and
-    their reasons in `problems`. One bad row never stops the others."""
-    out, items, good = [], [], []
+    their reasons in `problems`. One bad row never stops the others. masks: "given", "predict" or "auto" (see the
+    module docstring) with `segmenter`, an instagan.segment.InstanceSegmenter loaded from `segmenter_path`."""
+    if masks not in MASK_MODES:
+        raise ValueError(f"masks must be one of {', '.join(MASK_MODES)}, got {masks!r}")
+    if masks != "given" and segmenter is None:
+        raise ValueError(f"masks={masks!r} needs a segmenter")
+    out, items, good, pending = [], [], [], []
     for row in rows:
         problems = json.loads(row.get("problems") or "[]")
         if row["image"] is None:
             out.append(_failed(row, problems))
             continue
         try:
-            img, masks = decode_row(row)
+            img, given = decode_row(row)
+            if masks == "predict" or (masks == "auto" and not len(given)):
+                tr.check_item(img, np.zeros((0, *img.shape[:2]), bool))
+                pending.append((row, problems, img))
+                continue
             try:
-                tr.check_item(img, masks)
+                tr.check_item(img, given)
             except ValueError as e:
                 raise BadRow("size_mismatch" if "but the image is" in str(e) else "bad_item", str(e)) from None
-        except BadRow as e:
-            problems.append(quarantine_row(row["id"], row.get("source") or "", e.reason, e.detail))
+        except (BadRow, ValueError) as e:
+            reason, detail = (e.reason, e.detail) if isinstance(e, BadRow) else ("bad_item", str(e))
+            problems.append(quarantine_row(row["id"], row.get("source") or "", reason, detail))
             out.append(_failed(row, problems))
             continue
-        items.append((img, masks))
-        good.append((row, problems))
+        items.append((img, given))
+        good.append((row, problems, None))
+    if pending:
+        t0 = time.perf_counter()
+        found = _segment(segmenter, [img for _, _, img in pending])
+        seg_share = (time.perf_counter() - t0) / len(pending)
+        for (row, problems, img), f in zip(pending, found):
+            reason = ("segment_error", f"{type(f).__name__}: {f}") if isinstance(f, Exception) else (
+                ("no_instances_detected", f"the segmenter found no {segmenter.category} (score >= "
+                 f"{segmenter.score_threshold}, area >= {segmenter.min_area} px)") if not len(f.masks) else None)
+            if reason:
+                problems.append(quarantine_row(row["id"], row.get("source") or "", *reason))
+                out.append(_failed(row, problems))
+                continue
+            items.append((img, f.masks))
+            good.append((row, problems, (f, seg_share)))
     t0 = time.perf_counter()
     results = tr.translate_each(items, size=size, batch_size=batch_size) if items else []
     share = (time.perf_counter() - t0) / max(1, len(items))
-    for (row, problems), item, res in zip(good, items, results):
+    for (row, problems, predicted), item, res in zip(good, items, results):
         if isinstance(res, Exception):
             problems.append(quarantine_row(row["id"], row.get("source") or "", "translate_error",
                                            f"{type(res).__name__}: {res}"))
@@ -94,16 +132,36 @@ def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, dire
                     "width": res.img.shape[1], "masks": encode_masks(masks), "areas": [int(m.sum()) for m in masks],
                     "translated": [bool(t) for t in res.translated], "direction": direction,
                     "checkpoint": checkpoint, "source": row.get("source") or "", "time_s": share,
-                    "problems": json.dumps(problems) if problems else ""})
+                    "problems": json.dumps(problems) if problems else "", "predicted": predicted is not None,
+                    "input_masks": encode_masks(list(predicted[0].masks)) if predicted else [],
+                    "scores": [float(x) for x in predicted[0].scores] if predicted else [],
+                    "segmenter": segmenter_path if predicted else None,
+                    "segment_s": predicted[1] if predicted else None})
         if png_dir:
             write_overlay(Path(png_dir), row["id"], item, res)
     return out
 
 
+def _segment(segmenter, images: list[np.ndarray]) -> list:
+    """segmenter.predict on the batch; if it raises, image by image, a failing image's exception as its result."""
+    try:
+        return list(segmenter.predict(images))
+    except Exception:
+        return [_predict_one(segmenter, img) for img in images]
+
+
+def _predict_one(segmenter, img: np.ndarray):
+    try:
+        return segmenter.predict([img])[0]
+    except Exception as e:
+        return e
+
+
 def _failed(row: dict, problems: list[dict]) -> dict:
     return {"id": row["id"], "image": None, "format": None, "height": 0, "width": 0, "masks": [], "areas": [],
             "translated": [], "direction": None, "checkpoint": None, "source": row.get("source") or "",
-            "time_s": None, "problems": json.dumps(problems)}
+            "time_s": None, "problems": json.dumps(problems), "predicted": False, "input_masks": [], "scores": [],
+            "segmenter": None, "segment_s": None}
 
 
 def write_overlay(png_dir: Path, id: str, item: tuple[np.ndarray, np.ndarray], res) -> Path:
@@ -127,7 +185,9 @@ class TranslateActor:
 
     def __init__(self, checkpoint: str, direction: str = "a2b", ins_max: int = 20, ins_per: int = 2,
                  device: str = "cpu", size: int | None = None, batch_size: int = 8, threads: int = 0,
-                 amp: str = "none", png_dir: str | None = None, skip_ids=None):
+                 amp: str = "none", png_dir: str | None = None, skip_ids=None, masks: str = "given",
+                 segmenter: str | None = None, category: str | None = None, score_threshold: float = 0.5,
+                 min_area: int = 1):
         import ray
         import torch
 
@@ -138,8 +198,15 @@ class TranslateActor:
             torch.set_num_threads(threads)
         self.tr = Translator.from_checkpoint(checkpoint, direction=direction, ins_max=ins_max, ins_per=ins_per,
                                              device=device, amp_dtype=amp_dtype(amp))
+        seg = None
+        if masks != "given":
+            from instagan.segment import InstanceSegmenter
+
+            seg = InstanceSegmenter.from_file(segmenter, category=category, score_threshold=score_threshold,
+                                              min_area=min_area, max_instances=ins_max, device=device,
+                                              batch_size=batch_size)
         self.kw = dict(size=size, batch_size=batch_size, direction=direction, checkpoint=checkpoint,
-                       png_dir=png_dir)
+                       png_dir=png_dir, segmenter=seg, masks=masks, segmenter_path=segmenter)
         # an ObjectRef: Ray Data pickles constructor arguments into the actor's init closure unresolved
         self.skip = ray.get(skip_ids) if isinstance(skip_ids, ray.ObjectRef) else set(skip_ids or ())
 
@@ -186,9 +253,10 @@ def make_sink(out: str, run: str, rows_per_file: int):
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             table = pa.concat_tables([t.cast(ACTOR_OUT) for t in tables if t.num_rows]) if tables else None
             if table is None or table.num_rows == 0:
-                return {"files": [], "rows": 0, "problems": []}
+                return {"files": [], "rows": 0, "predicted": 0, "problems": []}
             problems = [q for p in table["problems"].to_pylist() if p for q in json.loads(p)]
             good = table.filter(pc.is_valid(table["image"])).select(OUTPUT.names)
+            predicted = int(pc.sum(good["predicted"]).as_py() or 0)
             fs, base = filesystem(out)
             local = isinstance(fs, pafs.LocalFileSystem)
             names = []
@@ -201,7 +269,7 @@ def make_sink(out: str, run: str, rows_per_file: int):
                                row_group_size=64)
                 if local:
                     fs.move(tmp, f"{base}/{names[-1]}")  # a crash never leaves a torn part file
-            return {"files": names, "rows": good.num_rows, "problems": problems}
+            return {"files": names, "rows": good.num_rows, "predicted": predicted, "problems": problems}
 
         def on_write_complete(self, write_result) -> None:
             self.returns = list(write_result.write_returns)
@@ -215,9 +283,11 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
                          ins_max: int = 20, ins_per: int = 2, device: str = "cpu", actors: int = 1,
                          cpus_per_actor: float = 1.0, threads: int = 0, batch_size: int = 8,
                          rows_per_file: int = 128, amp: str = "none", png: str | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, masks: str = "given", segmenter: str | None = None,
+                         category: str | None = None, score_threshold: float = 0.5, min_area: int = 1) -> dict:
     """Translate `source` into `out` with Ray Data (Ray must be initialised); returns the run summary.
-    progress=False hides Ray Data's progress bars."""
+    progress=False hides Ray Data's progress bars. masks, segmenter, category, score_threshold, min_area: where the
+    masks come from (module docstring) and what the segmenter keeps."""
     import ray
 
     if not progress:
@@ -228,9 +298,11 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
     done, moved = done_ids(out)
     ids = source.ids()
     todo = [i for i in ids if i not in done]
+    if segmenter is not None and "://" not in segmenter:
+        segmenter = str(Path(segmenter).resolve())
     summary = {"run": run, "kind": source.kind, "domain": source.domain, "direction": direction, "out": out,
-               "checkpoint": checkpoint, "size": size, "inputs": len(ids), "already_done": len(ids) - len(todo),
-               "unreadable_parts": moved}
+               "checkpoint": checkpoint, "size": size, "masks": masks, "segmenter": segmenter, "inputs": len(ids),
+               "already_done": len(ids) - len(todo), "unreadable_parts": moved}
     problems = list(source.problems)
     returns = []
     if todo:
@@ -238,7 +310,8 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
         kwargs = dict(checkpoint=checkpoint, direction=direction, ins_max=ins_max, ins_per=ins_per, device=device,
                       size=None if size == "model" else 0, batch_size=batch_size,
                       threads=threads or max(1, int(cpus_per_actor)), amp=amp, png_dir=png,
-                      skip_ids=ray.put(done) if source.kind == "parquet" and done else None)
+                      skip_ids=ray.put(done) if source.kind == "parquet" and done else None, masks=masks,
+                      segmenter=segmenter, category=category, score_threshold=score_threshold, min_area=min_area)
         sink = make_sink(out, run, rows_per_file)
         ds = read_input(source, skip_ids=done).map_batches(
             TranslateActor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
@@ -250,7 +323,8 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
     base = out.rstrip("/")
     seconds = time.perf_counter() - t0
     skipped = sorted({q["id"] for q in problems if q.get("kind", "image") != "instance"} - done)
-    summary.update(written=written, skipped=len(skipped), problems=len(problems),
+    summary.update(written=written, predicted=sum(r.get("predicted", 0) for r in returns), skipped=len(skipped),
+                   problems=len(problems),
                    files=sorted(f for r in returns for f in r["files"]), seconds=round(seconds, 3),
                    images_per_s=round(written / seconds, 3) if seconds > 0 else None)
     if problems:
