@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -225,3 +226,61 @@ def _boxes(masks: Tensor) -> Tensor:
     fg = masks > 0
     box = fg.any(3)[..., :, None] & fg.any(2)[..., None, :]
     return box.to(masks.dtype) * 2 - 1
+
+
+# ---- does the image follow the masks? ---------------------------------------------------------------------
+
+def follow(ckpt: str | Path, data_root: str | Path, split: str = "test", images: int = 60,
+           tol: float = 0.2) -> dict[str, float]:
+    """How far a checkpoint's a->b IMAGE follows its translated masks, per test instance (flat-coloured sets):
+    - mask_target: share of translated masks that read as the target shape (the `mask_shape` question, alone);
+      mask_target_largest: the same asked of each mask's largest 8-connected component; stray: mean share of a
+      mask's pixels outside that component (fragments that spoil its bounding box);
+    - img_target_given_mask: among instances whose mask reads as the target shape, the share whose colour region
+      in the image does too (`metrics.flat_instance_shapes`);
+    - grown_dist, grown_within_tol: over the pixels a translated mask added, the mean largest-channel distance of
+      the translated image to the object's input colour (median), and the share within `tol` (the metrics'
+      tolerance); object_drift: share of the object's own input pixels whose colour moved by more than `tol`."""
+    from instagan import metrics as Mt
+
+    cfg, payload = checkpoint.load(ckpt, "cpu")
+    G = build_networks(cfg)["G_ab"]
+    G.load_state_dict(payload["G_ab"])
+    G.eval()
+    batches, _ = Mt.load_split(data_root, split, "a", cfg.data.size, images)
+    return follow_stats([(batch, Mt.translate(G, batch, 20, 2)[0]) for batch in batches], tol)
+
+
+def follow_stats(pairs: list, tol: float = 0.2) -> dict[str, float]:
+    """`follow`'s measures of [(input batch, its translation with .img, .masks)] (instagan.masks conventions)."""
+    from scipy import ndimage
+
+    from instagan import metrics as Mt
+
+    rows = []
+    for batch, out in pairs:
+        shapes = Mt.flat_instance_shapes(batch["img"], out.img, batch["masks"], batch["valid"], tol=tol)
+        for b, n in zip(*np.nonzero(batch["valid"].numpy())):
+            m_in, m_out = (batch["masks"][b, n] > 0).numpy(), (out.masks[b, n] > 0).numpy()
+            if not m_out.any():
+                continue
+            labels, _ = ndimage.label(m_out, structure=np.ones((3, 3), bool))
+            largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+            x, y = batch["img"][b].float().numpy(), out.img[b].float().numpy()
+            dist = np.abs(y - np.median(x[:, m_in], axis=1)[:, None, None]).max(0)
+            rows.append({"mask": _rect(m_out) > Mt.RECT_SPLIT, "largest": _rect(largest) > Mt.RECT_SPLIT,
+                         "stray": 1 - largest.sum() / m_out.sum(), "img": float(shapes["rect"][b, n]) > Mt.RECT_SPLIT,
+                         "grown": dist[m_out & ~m_in], "drift": float((dist[m_in] > tol).mean())})
+    hit = [r for r in rows if r["mask"]]
+    grown = np.concatenate([r["grown"] for r in rows]) if rows else np.zeros(0)
+    mean = (lambda v: float(np.mean(v)) if len(v) else float("nan"))
+    return {"instances": len(rows), "mask_target": mean([r["mask"] for r in rows]),
+            "mask_target_largest": mean([r["largest"] for r in rows]), "stray": mean([r["stray"] for r in rows]),
+            "img_target_given_mask": mean([r["img"] for r in hit]), "grown_dist": mean(grown),
+            "grown_within_tol": mean(grown <= tol), "object_drift": mean([r["drift"] for r in rows])}
+
+
+def _rect(m: np.ndarray) -> float:
+    """Area / bounding-box area of a non-empty binary mask (metrics.rectangularity for one numpy mask)."""
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    return float(m.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)))

@@ -3,10 +3,12 @@ sends to the generator's image and mask decoders, at every checkpoint of a run (
 
     python jobs/diagnose.py --run /tmp/ablate/runs/instagan_paper --data-root /tmp/ablate/data
     python jobs/diagnose.py --probe --data-root /tmp/ablate/data [--config configs/ablations/instagan_paper.yaml]
+    python jobs/diagnose.py --follow /tmp/ablate/runs/instagan/checkpoint_step00000482 --data-root /tmp/ablate/data
 
 Writes <run>/diagnose.json and <run>/diagnose.png, prints one JSON line per checkpoint. --probe instead trains fresh
 judges on real data only (a discriminator's image path, its joint head on boxes drawn over ellipses, the
-segmenter) and prints how fast each learns the shape difference (instagan.diagnose.probe).
+segmenter) and prints how fast each learns the shape difference (instagan.diagnose.probe). --follow CKPT prints
+one JSON line: how far that checkpoint's a->b image follows its translated masks (instagan.diagnose.follow).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import sys
 
 from instagan.config import Config
-from instagan.diagnose import diagnose_run, probe
+from instagan.diagnose import diagnose_run, follow, probe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +26,20 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a run folder with checkpoint_step* folders (jobs/ablate.py, --local)")
     p.add_argument("--probe", action="store_true", help="train fresh judges on real data instead (no --run)")
+    p.add_argument("--follow", metavar="CKPT", help="does this checkpoint's a->b image follow its masks (no --run)")
     p.add_argument("--config", default="configs/ablations/instagan_paper.yaml", help="--probe: the networks' config")
     p.add_argument("--steps", type=int, default=300, help="--probe: training steps")
     p.add_argument("--data-root", required=True, help="the data_prep Parquet set it trained on")
     p.add_argument("--split", default="test")
     p.add_argument("--images", type=int, default=16, help="held-out images per domain")
     a = p.parse_args(argv)
+    if a.follow:
+        try:
+            print(json.dumps({k: round(v, 3) for k, v in follow(a.follow, a.data_root, a.split).items()}))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if a.probe:
         cfg = Config.from_file(a.config).replace(**{"data.root": a.data_root, "data.split": "train"})
         curves = probe(a.data_root, cfg, a.steps, images=a.images)

@@ -72,3 +72,36 @@ def test_probe_segmenter_learns_the_foreground_from_real_images(run):
     for key in ("d_image_acc", "d_boxes_acc"):
         assert all(0.0 <= v <= 1.0 for v in out[key])
     assert out["seg_iou"][-1] > 0.5 and out["seg_iou"][-1] > out["seg_iou"][0], out["seg_iou"]
+
+
+def test_follow_reads_an_image_that_follows_its_masks_and_one_that_does_not():
+    """diagnose.follow_stats on hand-made translations of single ellipses: each mask replaced by its bounding box
+    and the box painted in the object's colour reads as followed in full; the same masks over the unchanged image
+    do not; a 2x2 fragment far from a box spoils the mask's shape but not its largest component's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from instagan.diagnose import follow_stats
+    from instagan.synthetic import make_batch
+
+    batch = make_batch("a", 4, 64, ins=(1, 1))
+    boxes, painted = torch.full_like(batch["masks"], -1.0), batch["img"].clone()
+    for b in range(4):
+        m = batch["masks"][b, 0] > 0
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        boxes[b, 0][box] = 1
+        painted[b][(slice(None), *box)] = batch["img"][b][:, m].median(1).values[:, None, None]
+    ideal = follow_stats([(batch, SimpleNamespace(img=painted, masks=boxes))])
+    assert ideal["instances"] == 4 and ideal["mask_target"] == 1 and ideal["img_target_given_mask"] == 1, ideal
+    assert ideal["grown_within_tol"] == 1 and ideal["object_drift"] == 0 and ideal["stray"] == 0, ideal
+    lagging = follow_stats([(batch, SimpleNamespace(img=batch["img"], masks=boxes))])
+    assert lagging["mask_target"] == 1 and lagging["img_target_given_mask"] == 0, lagging
+    assert lagging["grown_within_tol"] < 0.5 and lagging["object_drift"] == 0, lagging
+    frag = boxes.clone()
+    for b in range(4):
+        far = (0, 0) if boxes[b, 0, :32, :32].max() < 0 else (60, 60)
+        frag[b, 0, far[0]:far[0] + 2, far[1]:far[1] + 2] = 1
+    spoilt = follow_stats([(batch, SimpleNamespace(img=painted, masks=frag))])
+    assert spoilt["mask_target"] < 1 and spoilt["mask_target_largest"] == 1 and spoilt["stray"] > 0, spoilt
