@@ -25,7 +25,8 @@ from instagan.storage import write_text
 # The embedded default (configs/tiny_synthetic.yaml): a tiny model with the quality recipe on generated 64x64
 # images, 2 CPU workers at half a CPU each, about 9 minutes on a 2-core laptop, then the test metrics.
 DEFAULT = {
-    "model": {"ngf": 16, "ndf": 16, "n_blocks": 2, "composite": True, "paint": "residual", "mask_cond": True},
+    "model": {"ngf": 16, "ndf": 16, "n_blocks": 2, "composite": True, "paint": "extend", "sharp": True,
+              "mask_cond": True, "d_mask": True},
     "loss": {"lambda_seg": 2},
     "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "epochs": 1, "epochs_decay": 2, "pool_size": 50,
               "seed": 0, "amp": "bf16"},
