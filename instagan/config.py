@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 AMP = ("none", "bf16", "fp16")  # autocast choices of --amp (train.amp takes "none" or "bf16")
 
@@ -211,8 +211,65 @@ def section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**out)
 
 
+class Sections:
+    """What a frozen dataclass of config sections shares (Config, instagan.segment_train.SegmentConfig): plain-dict,
+    JSON and YAML round trips with unknown sections and keys as errors, and overrides by dotted keys. SECTIONS: the
+    section name -> its dataclass."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def _upgrade(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Older spellings of the sections -> today's (a subclass's hook)."""
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None):
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(cls.SECTIONS)})")
+        values = cls._upgrade(values)
+        return cls(**{k: section_from_dict(c, values.get(k, {}), k) for k, c in cls.SECTIONS.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path):
+        """A YAML (or JSON) config file with the sections. Raises ValueError naming the file."""
+        import yaml
+
+        try:
+            with open(path) as f:  # a stream, so that YAML's error names the file (and line) rather than a string
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any):
+        """Override by dotted keys: cfg.replace(**{"train.ins_per": 1})."""
+        values = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if section not in values or not name:
+                raise ValueError(f"unknown config key '{key}' (use section.name, sections: "
+                                 f"{', '.join(self.SECTIONS)})")
+            values[section][name] = value
+        return type(self).from_dict(values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(Sections):
+    SECTIONS: ClassVar[dict[str, type]] = _SECTIONS
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -231,48 +288,11 @@ class Config:
             raise ValueError(f"data.load_size ({d.load_size}) must be >= data.size ({d.size})")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "Config":
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
+    def _upgrade(cls, values: dict[str, Any]) -> dict[str, Any]:
         train = values.get("train")
         if isinstance(train, dict) and "trim_heap" in train:  # config.json of checkpoints before train.memory
             train = dict(train)
             trim = train.pop("trim_heap")
             train.setdefault("memory", "lean" if trim in (True, "true", "True", 1) else "plain")
             values["train"] = train
-        return cls(**{k: section_from_dict(c, values.get(k, {}), k) for k, c in _SECTIONS.items()})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Config":
-        """A YAML (or JSON) config file with the sections above. Raises ValueError naming the file."""
-        import yaml
-
-        try:
-            with open(path) as f:  # a stream, so that YAML's error names the file (and line) rather than a string
-                values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
-        try:
-            return cls.from_dict(values)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **dotted: Any) -> "Config":
-        """Override by dotted keys: cfg.replace(**{"train.ins_per": 1})."""
-        values = self.to_dict()
-        for key, value in dotted.items():
-            section, _, name = key.partition(".")
-            if section not in values or not name:
-                raise ValueError(f"unknown config key '{key}' (use section.name, sections: {', '.join(_SECTIONS)})")
-            values[section][name] = value
-        return Config.from_dict(values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return values

@@ -34,14 +34,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
-from instagan.config import section_from_dict
+from instagan.config import Sections
 from instagan.data import LocalDataset, read_sample
 from instagan.segment import (ARCHS, CHECKPOINT_FILE, SMALL_WIDTH, InstanceSegmenter, build_model, load_state,
                               replace_classes)
@@ -99,7 +99,8 @@ _SECTIONS = {"model": SegModelConfig, "train": SegTrainConfig, "data": SegDataCo
 
 
 @dataclass(frozen=True)
-class SegmentConfig:
+class SegmentConfig(Sections):
+    SECTIONS: ClassVar[dict[str, type]] = _SECTIONS
     model: SegModelConfig = field(default_factory=SegModelConfig)
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
@@ -124,30 +125,6 @@ class SegmentConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "SegmentConfig":
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
-        return cls(**{k: section_from_dict(c, values.get(k, {}), k) for k, c in _SECTIONS.items()})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def replace(self, **dotted: Any) -> "SegmentConfig":
-        """Override by dotted keys: cfg.replace(**{"train.steps": 10})."""
-        values = self.to_dict()
-        for key, value in dotted.items():
-            section, _, name = key.partition(".")
-            if section not in values or not name:
-                raise ValueError(f"unknown config key '{key}' (use section.name, sections: {', '.join(_SECTIONS)})")
-            values[section][name] = value
-        return SegmentConfig.from_dict(values)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
