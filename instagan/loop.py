@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -195,8 +196,8 @@ class _Run:
         self.clock.shift(prog.get("cpu_s", 0.0), prog.get("wall_s", 0.0))
         self.last_ckpt, self.last_ckpt_step = Path(ckpt), st.step
         if rank == 0:
-            print(f"[instagan] resumed from {ckpt}: step {st.step}, epoch {st.epoch}, {self.epoch_step} batches "
-                  f"of the epoch done", flush=True)
+            say(f"[instagan] resumed from {ckpt}: step {st.step}, epoch {st.epoch}, {self.epoch_step} batches of "
+                f"the epoch done")
 
     def finished(self) -> bool:
         st, t, r = self.state, self.cfg.train, self.cfg.run
@@ -237,8 +238,8 @@ class _Run:
         self.window.add(metrics, data_s)
         self.epoch_step, self.trained = seen, True
         if self.first and host.rank == 0:
-            print(f"[instagan] first step done at unix time {time.time():.3f} (world size {host.world}, "
-                  f"{torch.get_num_threads()} torch threads per worker)", flush=True)
+            say(f"[instagan] first step done at unix time {time.time():.3f} (world size {host.world}, "
+                f"{torch.get_num_threads()} torch threads per worker)")
         self.first = False
         if self.on_step is not None:
             self.on_step(st, host.rank)
@@ -268,7 +269,7 @@ class _Run:
         if self.log is not None:
             self.log.scalars({**out, **{f"time/{k}": v for k, v in self.clock.read().items()}}, st.step)
             if "time/step_s" in out:  # steps were taken since the last line
-                print(self.progress.line(out), flush=True)
+                say(self.progress.line(out))
         if due_ckpt:
             self._checkpoint(out)
         elif to_report or due_val:
@@ -298,7 +299,7 @@ class _Run:
         if self.log is not None:
             path = self.log.images(self.state)
             if path is not None:
-                print(f"[instagan] sample grid: {path}", flush=True)
+                say(f"[instagan] sample grid: {path}")
             self.log.close()
         if self.last_ckpt_step != self.state.step:
             self._checkpoint(self.window.flush(self.state, self.host.world))
@@ -308,6 +309,13 @@ class _Run:
 
 
 # ---- pieces of the loop ------------------------------------------------------------------------------------
+
+def say(line: str) -> None:
+    """One line on stdout, flushed. Not print(): on a Ray Train worker print is patched to go to Train's logger as
+    well as to stdout, and the driver then shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 
 class Progress:
     """The line rank 0 prints every run.log_every steps: where the run stands against its end (steps, or CPU-seconds

@@ -152,9 +152,8 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
     run_dir = storage / "job"
     assert "[train] checkpoint:" in logs and "[train] TensorBoard:" in logs
     # One progress line per run.log_every steps from rank 0, and no per-report dumps unless --verbose.
-    # (each of them reaches `ray job submit`'s output twice, identical: counted once)
-    lines = [ln.split("[instagan] ", 1)[1] for ln in logs.splitlines() if "[instagan] step " in ln]
-    progress = list(dict.fromkeys(lines))
+    progress = [ln.split("[instagan] ", 1)[1] for ln in logs.splitlines() if "[instagan] step " in ln]
+    assert len(set(progress)) == len(progress), progress  # each once (Train's patched print showed lines twice)
     steps = [int(p.split(" ")[1].split("/")[0]) for p in progress]
     assert steps == sorted(set(steps)) and {2, 4} <= set(steps), progress  # log_every 2, and each epoch's end
     assert progress[0].startswith("step 2/4 (50%) | ") and progress[-1].startswith("step 4/4 (100%) | "), progress
