@@ -330,6 +330,25 @@ class InstanceSegmenter:
                 out.append(self._keep(found, label, tuple(x.shape[1:])))
         return out
 
+    def predict_each(self, images: Sequence[np.ndarray]) -> list:
+        """`predict` on the batch; if it raises, image by image: one Instances per image, or the exception of an
+        image that fails alone (batch jobs and servers go on with the others)."""
+        try:
+            return list(self.predict(images))
+        except Exception:
+            return [self._predict_one(img) for img in images]
+
+    def _predict_one(self, img: np.ndarray):
+        try:
+            return self.predict([img])[0]
+        except Exception as e:
+            return e
+
+    def nothing_found(self) -> str:
+        """Why an image has no predicted instance (the skip reason's detail)."""
+        return (f"the segmenter found no {self.category} (score >= {self.score_threshold}, area >= {self.min_area} "
+                f"px)")
+
     def _keep(self, found: dict[str, Tensor], label: int, hw: tuple[int, int]) -> Instances:
         keep = (found["labels"] == label) & (found["scores"] >= self.score_threshold)
         masks = found["masks"][keep, 0] >= MASK_THRESHOLD  # (K, H, W), detections come by decreasing score
@@ -354,3 +373,27 @@ def _as_unit_tensors(images: Sequence[np.ndarray] | Tensor) -> list[Tensor]:
                              f"{getattr(img, 'dtype', type(img).__name__)} {getattr(img, 'shape', '')}")
         out.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255))
     return out
+
+
+# ---- the jobs' command line (jobs/translate.py, jobs/serve.py) ---------------------------------------------------
+
+def add_arguments(p, use: str) -> None:
+    """--segmenter, --category, --score-threshold and --min-instance-area on an argparse parser; `use` says when the
+    segmenter is used (in --segmenter's help)."""
+    p.add_argument("--segmenter", help="instance segmenter weights (torchvision COCO Mask R-CNN file or a "
+                                       f"jobs/train_segmenter.py checkpoint) {use}")
+    p.add_argument("--category", help="what the segmenter looks for: a COCO name or id (e.g. sheep), or the "
+                                      "segmenter's own class (default: its only one)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="least segmenter score of a kept instance")
+    p.add_argument("--min-instance-area", type=int, default=16, help="least pixels of a kept predicted instance")
+
+
+def check_arguments(args) -> None:
+    """The segmenter the parsed arguments name loads and knows --category, and the thresholds are in range (before
+    Ray starts: the actors or replicas load it again); raises ValueError. A remote path (scheme://) is not read."""
+    if "://" in args.segmenter:
+        if not 0 <= args.score_threshold <= 1 or args.min_instance_area < 0:
+            raise ValueError("--score-threshold must be in [0, 1] and --min-instance-area >= 0")
+        return
+    InstanceSegmenter.from_file(args.segmenter, category=args.category, score_threshold=args.score_threshold,
+                                min_area=args.min_instance_area)

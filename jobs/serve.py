@@ -6,6 +6,10 @@ request format, the limits and the batching).
     curl -s -X POST http://127.0.0.1:8000/translate -H 'Content-Type: application/json' -d @request.json
     curl -s http://127.0.0.1:8000/openapi.json        # the request/answer schema and status codes (browser: /docs)
 
+    # requests without masks: the replica predicts them (a torchvision COCO Mask R-CNN file or a segmenter checkpoint)
+    python jobs/serve.py --checkpoint CKPT --segmenter maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --category sheep
+    curl -s -X POST http://127.0.0.1:8000/translate -d '{"image": "<base64 PNG>"}'   # + predicted_masks, scores
+
     # open to the network: an API key, read from an environment variable (never from the command line)
     export INSTAGAN_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
     python jobs/serve.py --checkpoint CKPT --host 0.0.0.0 --api-key-env INSTAGAN_API_KEY
@@ -27,6 +31,7 @@ import argparse
 import os
 import sys
 
+from instagan import segment
 from instagan.config import AMP
 from instagan.distributed.serve import Limits, api_key_from_env, build_app, run
 
@@ -57,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key-env", metavar="NAME",
                    help="environment variable holding the API key POST /translate requires (X-API-Key: KEY or "
                         "Authorization: Bearer KEY); required when --host is not 127.0.0.1, ::1 or localhost")
+    segment.add_arguments(p, "predicting the masks of requests that send none")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--detach", action="store_true", help="deploy and exit, leaving the app running (clusters)")
     return p.parse_args(argv)
@@ -67,15 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(args.max_bytes, args.max_instances, args.max_pixels, args.max_request_pixels)
     try:
         api_key = api_key_from_env(args.api_key_env, args.host, os.environ)
+        if args.category and not args.segmenter:
+            raise ValueError("--category is for --segmenter")
+        seg = None
+        if args.segmenter:  # build_app loads it once before Serve starts: a bad file or category stops here
+            seg = {"path": args.segmenter, "category": args.category, "score_threshold": args.score_threshold,
+                   "min_area": args.min_instance_area}
         app = build_app(args.checkpoint, args.direction, args.num_replicas, args.device, args.max_batch,
                         args.batch_wait_s, args.ins_max, args.ins_per, None if args.size == "model" else 0, limits,
-                        args.num_cpus, args.threads, args.amp, api_key)
+                        args.num_cpus, args.threads, args.amp, api_key, seg)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run(app, args.host, args.port, args.address, args.detach,
                f" ({args.direction}, {args.num_replicas} replica(s), batch {args.max_batch}"
-               f"{', API key required' if api_key else ''})")
+               f"{', API key required' if api_key else ''}"
+               f"{f', masks predicted when missing ({args.segmenter})' if seg else ''})")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import sys
 from pathlib import Path
 
 from data_prep.rows import UsageError
-from instagan import inputs
+from instagan import inputs, segment
 from instagan.checkpoint import validate as validate_checkpoint
 from instagan.config import AMP
 from instagan.distributed import launch, translate
@@ -92,12 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--masks", choices=("given", "predict", "auto"), default="given",
                    help="given: the input's masks; predict: the segmenter's for every image; auto: the segmenter's "
                         "for images without masks")
-    p.add_argument("--segmenter", help="instance segmenter weights (torchvision COCO Mask R-CNN file or a "
-                                       "jobs/train_segmenter.py checkpoint) for --masks predict|auto")
-    p.add_argument("--category", help="what the segmenter looks for: a COCO name or id (e.g. sheep), or the "
-                                      "segmenter's own class (default: its only one)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="least segmenter score of a kept instance")
-    p.add_argument("--min-instance-area", type=int, default=16, help="least pixels of a kept predicted instance")
+    segment.add_arguments(p, "for --masks predict|auto")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bar")
     return p.parse_args(argv)
@@ -112,15 +107,10 @@ def check_segmenter(args: argparse.Namespace) -> None:
         return
     if not args.segmenter:
         raise UsageError(f"--masks {args.masks} needs --segmenter (a weights file)")
-    if not 0 <= args.score_threshold <= 1 or args.min_instance_area < 0:
-        raise UsageError("--score-threshold must be in [0, 1] and --min-instance-area >= 0")
-    if "://" not in args.segmenter:
-        from instagan.segment import InstanceSegmenter
-
-        try:
-            InstanceSegmenter.from_file(args.segmenter, category=args.category)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+    try:
+        segment.check_arguments(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

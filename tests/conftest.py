@@ -13,6 +13,10 @@ def ray_local():
         os.environ.setdefault(key, value)
     import ray
 
+    from instagan.distributed.launch import ray_env
+
+    os.environ.update(ray_env())  # what jobs/*.py's init_ray sets: 2 Parquet footer actors, not 32
+
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, log_to_driver=False, object_store_memory=512 * 1024**2)
@@ -37,10 +41,9 @@ def tiny_checkpoint(directory, size: int):
 @pytest.fixture(scope="session")
 def small_segmenter(tmp_path_factory):
     """The small instance segmenter of domain a's ellipses trained once for the session: 200 steps of 4 images from
-    scratch on one core (about 2-3 minutes), on a generated set of 600 images per domain. -> (data root, the
-    checkpoint folder). tests/test_segment.py measures it, tests/test_translate_segment.py translates with it."""
-    import torch
-
+    scratch on one core (about 3 minutes), on a generated set of 600 images per domain. -> (data root, the
+    checkpoint folder). tests/test_segment.py measures it, tests/test_translate_segment.py and tests/test_serve.py
+    translate with it."""
     from data_prep.synthetic import write_synthetic
     from instagan.segment_train import SegmentConfig, train_local
 
@@ -49,8 +52,10 @@ def small_segmenter(tmp_path_factory):
     write_synthetic(root, n=600, size=64)
     cfg = SegmentConfig.from_dict({"data": {"root": root, "domains": "a"}, "train": {"steps": 200},
                                    "run": {"log_every": 50, "checkpoint_every": 100}})
+    import torch
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # 2 threads took longer (292 s vs about 176 s) beside the session's idle Ray processes
     try:
         train_local(cfg, base / "run")
     finally:

@@ -278,13 +278,16 @@ def test_api_key_is_checked_before_the_body_and_the_schema_describes_translate(u
     spec = requests.get(f"{url}/openapi.json", timeout=30).json()
     op = spec["paths"]["/translate"]["post"]
     req = op["requestBody"]["content"]["application/json"]["schema"]
-    assert op["requestBody"]["required"] and req["required"] == ["image", "masks"]
-    assert req["properties"]["image"]["type"] == "string" and req["properties"]["masks"]["items"]["type"] == "string"
+    assert op["requestBody"]["required"] and req["required"] == ["image"]  # masks may be left out: predicted
+    assert req["properties"]["image"]["type"] == "string"
+    assert {"type": "array", "items": {"type": "string"}} in req["properties"]["masks"]["anyOf"]  # or null
     assert req["additionalProperties"] is False
     assert {"200", "400", "401", "413", "415", "422", "500"} <= op["responses"].keys()
     ok = spec["components"]["schemas"][op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
                                        .split("/")[-1]]
-    assert set(ok["properties"]) == set(r.json()) == {"image", "masks", "translated", "direction", "batch", "time_s"}
+    assert set(ok["properties"]) == set(r.json()) == {"image", "masks", "translated", "direction", "batch", "time_s",
+                                                      "predicted", "predicted_masks", "scores"}
+    assert r.json()["predicted"] is False and r.json()["predicted_masks"] == []
     assert op["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     schemes = spec["components"]["securitySchemes"]
     assert {"X-API-Key": "APIKeyHeader", "bearer": "HTTPBearer"} == {
@@ -322,10 +325,11 @@ def test_serve_job_needs_a_key_from_the_environment_off_loopback(monkeypatch, ca
     assert "at least 16" in capsys.readouterr().err
     assert calls == []  # refused before anything was built or started
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):  # loopback: a key is optional
-        assert job("--host", host) == 0 and calls[-2][-1] is None and calls[-1] == host
+        assert job("--host", host) == 0 and calls[-2][-2] is None and calls[-1] == host
     monkeypatch.setenv("INSTAGAN_TEST_KEY", KEY)
     assert job("--host", "0.0.0.0", "--api-key-env", "INSTAGAN_TEST_KEY") == 0
-    assert calls[-2][-1] == KEY and calls[-1] == "0.0.0.0"
+    assert calls[-2][-2] == KEY and calls[-1] == "0.0.0.0" and calls[-2][-1] is None  # no segmenter
+    assert job("--category", "sheep") == 2 and "--category is for --segmenter" in capsys.readouterr().err
 
 
 def test_request_model_errors_are_400_and_bounded():
@@ -372,3 +376,99 @@ def test_a_failing_item_fails_alone(ckpt):
     out = tr.translate_each([good, bad, good], None, 3)
     assert isinstance(out[1], ValueError) and "uint8" in str(out[1])
     assert out[0].img.shape == (40, 48, 3) and np.array_equal(out[0].img, out[2].img)
+
+
+# ---- requests without masks: a server with a segmenter (jobs/serve.py --segmenter) -------------------------------
+
+SEG_IDS = [590, 591, 592, 593]  # generated images of domain a (the segmenter's test split)
+
+
+@pytest.fixture(scope="module")
+def seg_url(url, ckpt, small_segmenter):
+    """A second app on the same Serve instance (route /seg, no API key) with the session's small segmenter of the
+    generated ellipses (conftest.small_segmenter)."""
+    from ray import serve
+
+    from instagan.distributed.serve import build_app
+
+    seg = {"path": str(small_segmenter[1] / "segmenter.pt"), "category": None, "score_threshold": 0.3,
+           "min_area": 16}
+    serve.run(build_app(str(ckpt), max_batch=MAX_BATCH, batch_wait_s=0.2, limits=LIMITS, segmenter=seg),
+              name="instagan_seg", route_prefix="/seg")
+    yield f"{url}/seg"
+    serve.delete("instagan_seg")
+
+
+def test_a_request_without_masks_needs_a_server_that_predicts_them():
+    from instagan.distributed.serve import BadRequest, decode_request
+    from instagan.synthetic import make_image
+
+    img = make_image("a", SEG_IDS[0], 64)[0]
+    data = json.dumps({"image": b64(png(img))}).encode()
+    with pytest.raises(BadRequest) as err:
+        decode_request(data, LIMITS)
+    assert err.value.status == 400 and "no segmenter" in err.value.message
+    for request in (data, json.dumps({"image": b64(png(img)), "masks": None}).encode()):
+        got, masks = decode_request(request, LIMITS, predicts=True)
+        assert masks is None and (got == img).all()
+    got, masks = decode_request(json.dumps({"image": b64(png(img)), "masks": []}).encode(), LIMITS, predicts=True)
+    assert masks.shape == (0, 64, 64)  # [] still means "no instances", not "predict"
+
+
+@pytest.mark.slow
+def test_the_server_predicts_missing_masks_and_translates_them(seg_url, small_segmenter):
+    from instagan.segment_train import match_instances
+    from instagan.synthetic import make_image
+
+    health = requests.get(f"{seg_url}/healthz", timeout=30).json()
+    assert health["segmenter"]["category"] == "ellipse" and health["segmenter"]["score_threshold"] == 0.3
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    requests_ = [{"image": b64(png(make_image("a", i, 64)[0]))} for i in SEG_IDS] + [{"image": b64(png(blank))}]
+    given_img, given_masks = make_image("a", SEG_IDS[0], 64)
+    requests_.append({"image": b64(png(given_img)), "masks": [b64(png(m.astype(np.uint8) * 255))
+                                                              for m in given_masks]})
+    answers: dict[int, requests.Response] = {}
+    threads = [threading.Thread(target=lambda i=i, r=r: answers.__setitem__(
+        i, requests.post(f"{seg_url}/translate", json=r, timeout=120))) for i, r in enumerate(requests_)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recalls = []
+    for n, i in enumerate(SEG_IDS):
+        r = answers[n]
+        assert r.status_code == 200, r.text
+        a = r.json()
+        img, out_masks = decode(a)
+        predicted = np.stack([np.array(Image.open(io.BytesIO(base64.b64decode(m)))) > 0
+                              for m in a["predicted_masks"]])
+        assert a["predicted"] is True and img.shape == (64, 64, 3)
+        assert len(predicted) == len(out_masks) == len(a["scores"]) == len(a["translated"]) >= 1
+        assert min(a["scores"]) >= 0.3 and a["scores"] == sorted(a["scores"], reverse=True)
+        true = make_image("a", i, 64)[1]
+        recalls.append(len(match_instances(predicted, true)) / len(true))
+    assert np.mean(recalls) >= 0.5, recalls  # the predicted masks are the objects, not noise
+    assert max(answers[n].json()["batch"] for n in range(len(SEG_IDS))) > 1  # segmented and translated in batches
+    nothing = answers[len(SEG_IDS)]
+    assert nothing.status_code == 422 and "found no ellipse" in nothing.json()["error"], nothing.text
+    given = answers[len(SEG_IDS) + 1].json()
+    assert given["predicted"] is False and given["predicted_masks"] == [] and len(given["masks"]) == len(given_masks)
+    # malformed requests are still 4xx on a server that predicts, and the replica goes on
+    for bad, status in (({"image": "@@"}, 400), ({"image": b64(png(blank)), "masks": "x"}, 400),
+                        ({"image": b64(png(np.zeros((2, 2, 3), np.uint8)))}, 422), ({"masks": []}, 400)):
+        r = requests.post(f"{seg_url}/translate", json=bad, timeout=60)
+        assert r.status_code == status, (bad, r.status_code, r.text[:200])
+    assert requests.post(f"{seg_url}/translate", json=requests_[0], timeout=60).status_code == 200
+
+
+def test_a_bad_segmenter_stops_the_serve_job_before_serve_starts(ckpt, tmp_path, capsys, monkeypatch):
+    from instagan.segment import InstanceSegmenter, build_model
+
+    monkeypatch.setattr(serve_job, "run", lambda *a: pytest.fail("Serve started"))
+    path = InstanceSegmenter(build_model("small", 2), "small", ["__background__", "ellipse"], layout="scratch").save(
+        tmp_path / "seg.pt")
+    for extra, words in ((["--segmenter", str(tmp_path / "none.pt")], "none.pt not found"),
+                         (["--segmenter", str(path), "--category", "sheep"], "unknown category"),
+                         (["--segmenter", str(path), "--score-threshold", "2"], "score threshold must be in [0, 1]")):
+        assert serve_job.main(["--checkpoint", str(ckpt), *extra]) == 2
+        assert words in capsys.readouterr().err

@@ -19,6 +19,12 @@ missing or wrong-typed fields, not base64, not an image), 413 (body over --max-b
 415 (an image format other than PNG, JPEG, WebP, or a mask other than PNG: Pillow tries no other decoder), 422
 (mask size differs from the image, an empty mask, more than --max-instances masks) or 500 (the model failed on
 this request; other requests, and the replica, go on). GET /healthz answers 200 with the served direction.
+
+Requests without masks (jobs/serve.py --segmenter FILE [--category NAME]): leave "masks" out (or null) and the
+replica's instagan.segment.InstanceSegmenter predicts them (one batched call for the requests of a batch that have
+none, then the same Translator call); the answer adds "predicted": true, "predicted_masks" (by decreasing score;
+masks[k] translates predicted_masks[k]) and "scores". Nothing found is 422 naming the category and thresholds. A
+server without a segmenter answers 400 to a request without "masks"; "masks": [] always means "no instances".
 The pydantic models below describe the request and the answers in /openapi.json and /docs; the body is still read
 as bytes (size checks first) and then validated with TranslateRequest, so a huge body is refused before parsing.
 
@@ -89,13 +95,15 @@ class TranslateRequest(BaseModel):
     """POST /translate's JSON body."""
     model_config = ConfigDict(extra="forbid", strict=True)
     image: str = Field(description="the photo: base64 of a PNG, JPEG or WebP file (16-bit grey is scaled to 8 bits)")
-    masks: list[str] = Field(  # fail_fast: a list of a million non-strings is one error, not a million
-        fail_fast=True, description="one base64 PNG per instance, the image's size (a pixel is an instance pixel when "
-                                    "its brightest channel is >= 128); may be empty; at most max_instances "
-                                    "(GET /healthz's limits)")
+    masks: list[str] | None = Field(  # fail_fast: a list of a million non-strings is one error, not a million
+        default=None, fail_fast=True,
+        description="one base64 PNG per instance, the image's size (a pixel is an instance pixel when its brightest "
+                    "channel is >= 128); may be empty; at most max_instances (GET /healthz's limits). Left out (or "
+                    "null) on a server started with --segmenter (GET /healthz's segmenter): the server predicts them")
 
 
 FIELDS = set(TranslateRequest.model_fields)
+REQUIRED = {k for k, f in TranslateRequest.model_fields.items() if f.is_required()}
 
 
 class TranslateResponse(BaseModel):
@@ -103,6 +111,12 @@ class TranslateResponse(BaseModel):
     image: str = Field(description="the translated image: base64 PNG at the input's size")
     masks: list[str] = Field(description="base64 0/255 PNGs, one per input mask: mask k translates input mask k")
     translated: list[bool] = Field(description="false for instances past --ins-max, whose mask comes back as sent")
+    predicted: bool = Field(False, description="true when the request had no masks and the server's segmenter "
+                                               "predicted them")
+    predicted_masks: list[str] = Field(
+        [], description="the predicted instance masks (base64 0/255 PNGs, by decreasing score; masks[k] translates "
+                        "predicted_masks[k]); empty when the request sent masks")
+    scores: list[float] = Field([], description="the segmenter's score of each predicted mask")
     direction: str = Field(description="a2b or b2a")
     batch: int = Field(description="images in the model call that carried this one")
     time_s: float = Field(description="seconds in the replica")
@@ -120,7 +134,8 @@ ERRORS = {
     413: "a body over max_bytes (from Content-Length, or while it streams in), an image or mask over max_pixels, or "
          "image + masks over max_request_pixels: read from the headers before any pixel is decoded",
     415: "an image other than PNG, JPEG or WebP, or a mask other than PNG (no other decoder is tried)",
-    422: "a mask whose size differs from the image, an empty mask, more than max_instances masks, an image under 4x4",
+    422: "a mask whose size differs from the image, an empty mask, more than max_instances masks, an image under 4x4; "
+         "without masks: the segmenter found no instance",
     500: "the model failed on this request (other requests, and the replica, go on)",
 }
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key, when the server has one")
@@ -245,12 +260,13 @@ def parse_request(body: bytes) -> TranslateRequest:
         raise BadRequest(400, "body is not a request: JSON nested too deeply") from None
     if not isinstance(req, dict):
         raise BadRequest(400, f"body must be a JSON object with keys image and masks, got {type(req).__name__}")
-    missing, unknown = sorted(FIELDS - req.keys()), req.keys() - FIELDS
+    missing, unknown = sorted(REQUIRED - req.keys()), req.keys() - FIELDS
     if missing or unknown:
         said = f" missing {missing}" if missing else ""
         if unknown:  # 5 named at most: a million unknown keys must not make a megabyte of message
             said += f" unknown {heapq.nsmallest(5, unknown)}" + (" and more" if len(unknown) > 5 else "")
-        raise BadRequest(400, "body must have exactly the keys image and masks:" + said)
+        raise BadRequest(400, "body must have the key image, and masks (unless the server predicts them), and no "
+                              "other:" + said)
     try:
         return TranslateRequest.model_validate(req)
     except ValidationError as e:  # 2 errors at most: both keys are known, masks fails fast
@@ -263,9 +279,21 @@ def _where(loc: tuple) -> str:
     return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
 
 
-def decode_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
-    """A /translate body -> (uint8 (H, W, 3) RGB, bool (K, H, W)); raises BadRequest(status, message)."""
+def decode_request(body: bytes, limits: Limits = Limits(), predicts: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A /translate body -> (uint8 (H, W, 3) RGB, bool (K, H, W)), or (image, None) when the request has no masks
+    and the server `predicts` them (it has a segmenter); raises BadRequest(status, message)."""
     req = parse_request(body)
+    if req.masks is None:
+        if not predicts:
+            raise BadRequest(400, "masks: missing; this server has no segmenter to predict them (jobs/serve.py "
+                                  "--segmenter): send one base64 PNG per instance")
+        img = _decode(_open(req.image, "image", limits), "image")
+        try:
+            Translator.check_item(img, np.zeros((0, *img.shape[:2]), bool))
+        except ValueError as e:
+            raise BadRequest(422, str(e)) from None
+        return img, None
     if len(req.masks) > limits.max_instances:
         raise BadRequest(422, f"masks: {len(req.masks)} instances, the limit is {limits.max_instances}")
     # Every header first: the request's decoded size is known, and bounded, before any pixel is decoded.
@@ -300,10 +328,37 @@ def png_b64(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def encode_result(result) -> dict:
-    """An ArrayTranslation -> the JSON answer (without time_s)."""
-    return {"image": png_b64(result.img), "masks": [png_b64(m) for m in result.masks],
-            "translated": [bool(t) for t in result.translated]}
+def encode_result(result, found=None) -> dict:
+    """An ArrayTranslation (and the segmenter's Instances it translated, if predicted) -> the JSON answer (without
+    direction, batch and time_s)."""
+    answer = {"image": png_b64(result.img), "masks": [png_b64(m) for m in result.masks],
+              "translated": [bool(t) for t in result.translated]}
+    if found is not None:
+        answer.update(predicted=True, predicted_masks=[png_b64(m) for m in found.masks],
+                      scores=[round(float(x), 4) for x in found.scores])
+    return answer
+
+
+def segment_and_translate(tr, seg, items: list[tuple[np.ndarray, np.ndarray | None]], size: int | None) -> list:
+    """One batch of decoded requests -> per item (ArrayTranslation, Instances or None), or the exception that item
+    failed with (BadRequest 422 when the segmenter found nothing). Items without masks get the segmenter's (one
+    batched call); then one Translator call for all (each item alone if it fails)."""
+    out: list = [None] * len(items)
+    need = [i for i, (_, masks) in enumerate(items) if masks is None]
+    found = dict(zip(need, seg.predict_each([items[i][0] for i in need]) if need else []))
+    ready = []
+    for i, (img, masks) in enumerate(items):
+        f = found.get(i)
+        if isinstance(f, Exception):
+            out[i] = RuntimeError(f"segmenter failed: {type(f).__name__}: {f}")
+        elif f is not None and not len(f.masks):
+            out[i] = BadRequest(422, f"masks: none sent, and {seg.nothing_found()}")
+        else:
+            ready.append((i, (img, masks if f is None else f.masks)))
+    results = tr.translate_each([item for _, item in ready], size, len(ready)) if ready else []
+    for (i, _), r in zip(ready, results):
+        out[i] = r if isinstance(r, Exception) else (r, found.get(i))
+    return out
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -344,7 +399,7 @@ class InstaGANServer:
     def __init__(self, checkpoint: str, direction: str = "a2b", device: str = "cpu", ins_max: int = 20,
                  ins_per: int = 2, size: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.02,
                  limits: dict | None = None, threads: int = 0, amp: str = "none",
-                 api_key_sha256: str | None = None):
+                 api_key_sha256: str | None = None, segmenter: dict | None = None):
         import torch
 
         if threads > 0:
@@ -353,6 +408,14 @@ class InstaGANServer:
                                              amp_dtype=amp_dtype(amp))
         self.direction, self.size, self.max_batch = direction, size, max_batch
         self.limits = Limits(**(limits or {}))
+        self.seg, self.seg_info = None, None
+        if segmenter:
+            from instagan.segment import InstanceSegmenter
+
+            self.seg = InstanceSegmenter.from_file(**segmenter, max_instances=self.limits.max_instances,
+                                                   device=device, batch_size=max_batch)
+            self.seg_info = {"file": segmenter["path"], "arch": self.seg.arch, "category": self.seg.category,
+                             "score_threshold": self.seg.score_threshold, "min_area": self.seg.min_area}
         self.api_key_sha256 = api_key_sha256
         self.translate_batch.set_max_batch_size(max_batch)
         self.translate_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -362,7 +425,7 @@ class InstaGANServer:
         return {"status": "ok", "pid": os.getpid(), "direction": self.direction, "mask_mode": self.tr.mask_mode,
                 "size": "native" if self.size == 0 else self.size or self.tr.config.data.size,
                 "max_batch": self.max_batch, "limits": asdict(self.limits),
-                "api_key_required": self.api_key_sha256 is not None}
+                "api_key_required": self.api_key_sha256 is not None, "segmenter": self.seg_info}
 
     # No body parameter: FastAPI would read and parse the whole body before the key and size checks (TRANSLATE_DOC
     # describes it instead). The two Security parameters only read headers, and put the schemes in /openapi.json.
@@ -375,14 +438,16 @@ class InstaGANServer:
             return _error(401, refused)
         try:
             body = await read_body(request, self.limits.max_bytes)
-            item = await asyncio.to_thread(decode_request, body, self.limits)
+            item = await asyncio.to_thread(decode_request, body, self.limits, self.seg is not None)
         except BadRequest as e:
             return _error(e.status, e.message)
         try:
             result, batch = await self.translate_batch(item)
+            if isinstance(result, BadRequest):
+                return _error(result.status, result.message)
             if isinstance(result, Exception):
                 raise result
-            answer = await asyncio.to_thread(encode_result, result)
+            answer = await asyncio.to_thread(encode_result, *result)
         except Exception as e:  # this request fails; the replica and the other requests go on
             return _error(500, f"translation failed: {type(e).__name__}: {e}")
         answer = TranslateResponse(**answer, direction=self.direction, batch=batch,
@@ -390,20 +455,29 @@ class InstaGANServer:
         return JSONResponse(answer.model_dump())
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # both reset from the constructor's arguments
-    async def translate_batch(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list:
-        # One model call for the batch; if it fails, each item alone, so only the failing items' requests fail.
-        results = await asyncio.to_thread(self.tr.translate_each, items, self.size, len(items))
+    async def translate_batch(self, items: list[tuple[np.ndarray, np.ndarray | None]]) -> list:
+        # One segmenter call for the items without masks, one model call for the batch; if one fails, each item
+        # alone, so only the failing items' requests fail.
+        results = await asyncio.to_thread(segment_and_translate, self.tr, self.seg, items, self.size)
         return [(r, len(items)) for r in results]
 
 
 def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, device: str = "cpu",
               max_batch: int = 8, batch_wait_s: float = 0.02, ins_max: int = 20, ins_per: int = 2,
               size: int | None = None, limits: Limits = Limits(), num_cpus: float = 1.0, threads: int = 0,
-              amp: str = "none", api_key: str | None = None):
+              amp: str = "none", api_key: str | None = None, segmenter: dict | None = None):
     """The Serve application (pass to serve.run). size None: the model's training size; 0: native size.
     threads: torch threads per replica (0: the default, which Ray sets from num_cpus); amp: none, bf16 or fp16.
-    api_key: what POST /translate requires (None: nothing); only its SHA-256 is bound into the deployment."""
+    api_key: what POST /translate requires (None: nothing); only its SHA-256 is bound into the deployment.
+    segmenter: {"path", "category", "score_threshold", "min_area"} (InstanceSegmenter.from_file's arguments): each
+    replica loads it and predicts the masks of requests without any; loaded here first, so a bad file or category
+    fails before Serve starts."""
     digest = None if api_key is None else api_key_digest(api_key)
+    if segmenter:
+        from instagan.segment import InstanceSegmenter
+
+        segmenter = {**segmenter, "path": str(Path(segmenter["path"]).resolve())}
+        InstanceSegmenter.from_file(**segmenter)
     if amp not in AMP:
         raise ValueError(f"amp must be one of {sorted(AMP)}, got {amp!r}")
     validate_checkpoint(checkpoint, (DIRECTION_NETS[direction],) if direction in DIRECTION_NETS else ())
@@ -413,7 +487,7 @@ def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, de
     return InstaGANServer.options(num_replicas=num_replicas, max_ongoing_requests=2 * max_batch,
                                   ray_actor_options=actor).bind(
         str(Path(checkpoint).resolve()), direction, device, ins_max, ins_per, size, max_batch, batch_wait_s,
-        asdict(limits), threads, amp, digest)
+        asdict(limits), threads, amp, digest, segmenter)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, detach: bool = False,

@@ -104,12 +104,11 @@ def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, dire
         good.append((row, problems, None))
     if pending:
         t0 = time.perf_counter()
-        found = _segment(segmenter, [img for _, _, img in pending])
+        found = segmenter.predict_each([img for _, _, img in pending])
         seg_share = (time.perf_counter() - t0) / len(pending)
         for (row, problems, img), f in zip(pending, found):
             reason = ("segment_error", f"{type(f).__name__}: {f}") if isinstance(f, Exception) else (
-                ("no_instances_detected", f"the segmenter found no {segmenter.category} (score >= "
-                 f"{segmenter.score_threshold}, area >= {segmenter.min_area} px)") if not len(f.masks) else None)
+                ("no_instances_detected", segmenter.nothing_found()) if not len(f.masks) else None)
             if reason:
                 problems.append(quarantine_row(row["id"], row.get("source") or "", *reason))
                 out.append(_failed(row, problems))
@@ -140,21 +139,6 @@ def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, dire
         if png_dir:
             write_overlay(Path(png_dir), row["id"], item, res)
     return out
-
-
-def _segment(segmenter, images: list[np.ndarray]) -> list:
-    """segmenter.predict on the batch; if it raises, image by image, a failing image's exception as its result."""
-    try:
-        return list(segmenter.predict(images))
-    except Exception:
-        return [_predict_one(segmenter, img) for img in images]
-
-
-def _predict_one(segmenter, img: np.ndarray):
-    try:
-        return segmenter.predict([img])[0]
-    except Exception as e:
-        return e
 
 
 def _failed(row: dict, problems: list[dict]) -> dict:
