@@ -107,7 +107,7 @@ class ReflectionPad2d(nn.ReflectionPad2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
             return _ReflectionPad.apply(x, tuple(self.padding))
         return _reflect(x, self.padding)
 
@@ -132,6 +132,11 @@ def _unpack_lean(packed):
     if source._version != version:
         raise RuntimeError(f"a tensor saved for backward as its {kind} source was modified in place since")
     return _reflect(source, arg) if kind == "pad" else source.to(arg)
+
+
+def lean_on() -> bool:
+    """Whether this thread runs inside lean_saved_tensors()."""
+    return getattr(_lean, "on", False)
 
 
 @contextlib.contextmanager

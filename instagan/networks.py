@@ -17,13 +17,15 @@ encoded with weight 0): data-parallel training needs no `find_unused_parameters`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint
 
-from instagan.memory import ReflectionPad2d
+from instagan.memory import ReflectionPad2d, lean_on
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -65,6 +67,56 @@ def _encoder(cin: int, ngf: int, n_blocks: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@functools.cache
+def _s2d_index(cout: int, cin: int, k: int, r: int) -> tuple[Tensor, int]:
+    """Where each weight of NarrowConv2d's space-to-depth conv comes from: flat indices into [weight.flatten(); 0]
+    of shape (cout r^2, cin r^2, q, q), and q = ceil((k + r - 1) / r), its kernel size."""
+    q = -(-(k + r - 1) // r)
+    o, dy, dx, c, py, px, qy, qx = torch.meshgrid(*[torch.arange(n) for n in (cout, r, r, cin, r, r, q, q)],
+                                                   indexing="ij")
+    ky, kx = r * qy + py - dy, r * qx + px - dx  # the output pixel (r I + dy) reads input row r (I + qy) + py
+    inside = (ky >= 0) & (ky < k) & (kx >= 0) & (kx < k)
+    flat = ((o * cin + c) * k + ky.clamp(0, k - 1)) * k + kx.clamp(0, k - 1)
+    return torch.where(inside, flat, cout * cin * k * k).reshape(cout * r * r, cin * r * r, q, q), q
+
+
+class NarrowConv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, no padding) for a few output channels, the decoders' last 7x7 conv: the same
+    parameters and numbers (to rounding), faster on CPU. oneDNN vectorises a conv over its output channels and runs
+    one with 1 or 3 of them at a tenth of its usual FLOP/s (ngf 16, 64 px: a third of a training step). On CPU
+    this computes it space-to-depth: the input pixel-unshuffled by r (r^2 times the channels), a conv of
+    ceil((k + r - 1) / r) taps with cout r^2 output channels whose weights are gathered from this one's (zeros
+    where no tap maps), and the result pixel-shuffled back. r: the smallest with cout r^2 >= 12. Only where
+    `space_to_depth` is set, and not inside lean_saved_tensors() (which keeps the padded input as its unpadded
+    source, where this would keep its own copy)."""
+
+    space_to_depth = False  # off: exactly nn.Conv2d (set per module by `fast_narrow_convs`)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cout, cin, k, _ = self.weight.shape
+        if not self.space_to_depth or x.device.type != "cpu" or lean_on() or self.stride != (1, 1) \
+                or self.padding != (0, 0) or self.groups != 1 or k != self.weight.shape[3] or cout > 4:
+            return super().forward(x)
+        r = 4 if cout == 1 else 2
+        index, q = _s2d_index(cout, cin, k, r)
+        h, w = x.shape[-2] - k + 1, x.shape[-1] - k + 1
+        if h % r or w % r:
+            return super().forward(x)
+        x = nn.functional.pad(x, (0, (w // r + q - 1) * r - x.shape[-1], 0, (h // r + q - 1) * r - x.shape[-2]))
+        weight = torch.cat([self.weight.flatten(), self.weight.new_zeros(1)])[index]
+        bias = None if self.bias is None else self.bias.repeat_interleave(r * r)
+        y = self._conv_forward(nn.functional.pixel_unshuffle(x, r), weight, bias)
+        return nn.functional.pixel_shuffle(y, r)
+
+
+def fast_narrow_convs(module: nn.Module, on: bool = True) -> nn.Module:
+    """Turn NarrowConv2d's space-to-depth CPU path on (or off) in every NarrowConv2d of `module`."""
+    for m in module.modules():
+        if isinstance(m, NarrowConv2d):
+            m.space_to_depth = on
+    return module
+
+
 UPSAMPLE = ("deconv", "resize")  # ModelConfig.upsample
 PAINT = ("direct", "residual", "gated", "extend")  # ModelConfig.paint
 
@@ -84,7 +136,7 @@ def _decoder(cin: int, cout: int, upsample: str = "deconv") -> nn.Sequential:
     layers: list[nn.Module] = []
     for c in (cin, cin // 2):
         layers += [_up(c, c // 2, upsample), nn.InstanceNorm2d(c // 2), nn.ReLU(inplace=True)]
-    layers += [ReflectionPad2d(3), nn.Conv2d(cin // 4, cout, 7), nn.Tanh()]
+    layers += [ReflectionPad2d(3), NarrowConv2d(cin // 4, cout, 7), nn.Tanh()]
     return nn.Sequential(*layers)
 
 
@@ -98,7 +150,7 @@ class CondDecoder(nn.Module):
         self.up1 = nn.Sequential(_up(cin + k, cin // 2, upsample), nn.InstanceNorm2d(cin // 2), nn.ReLU(inplace=True))
         self.up2 = nn.Sequential(_up(cin // 2 + k, cin // 4, upsample), nn.InstanceNorm2d(cin // 4),
                                  nn.ReLU(inplace=True))
-        self.out = nn.Sequential(ReflectionPad2d(3), nn.Conv2d(cin // 4 + k, cout, 7), nn.Tanh())
+        self.out = nn.Sequential(ReflectionPad2d(3), NarrowConv2d(cin // 4 + k, cout, 7), nn.Tanh())
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         cond = cond.to(x.dtype)
@@ -139,11 +191,17 @@ def check_shapes(img: Tensor, masks: Tensor, valid: Tensor) -> None:
                          f"{tuple(img.shape)}: expected (B, N, H, W) and (B, N)")
 
 
-def _gather_instances(masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _gather_instances(masks: Tensor, valid: Tensor, static: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The batch's valid masks as one batch (M, 1, H, W), the image each belongs to (M,), and a weight (M,).
 
     With no valid instance at all, one empty mask of image 0 with weight 0 keeps every parameter in the graph.
+    static: every slot instead, padding with weight 0 (M = B N): shapes that do not depend on `valid` and no host
+    sync, for compiled networks; the valid slots' features are the same (instance norm is per mask).
     """
+    if static:
+        b, n, h, w = masks.shape
+        owner = torch.arange(b, device=masks.device).repeat_interleave(n)
+        return masks.reshape(b * n, 1, h, w), owner, valid.flatten().to(masks.dtype)
     owner = valid.nonzero()[:, 0]
     sel = masks[valid].unsqueeze(1)
     weight = torch.ones(len(owner), device=masks.device, dtype=masks.dtype)
@@ -188,6 +246,7 @@ class SetGenerator(nn.Module):
     """
 
     mask_mode = "instances"  # one translated mask per input slot (ImageGenerator: "none" or "union")
+    static_sets = False  # encode every mask slot, padding with weight 0 (_gather_instances; set by `compile_layers`)
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
                  mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False):
@@ -207,13 +266,16 @@ class SetGenerator(nn.Module):
         check_shapes(img, masks, valid)
         b = img.shape[0]
         feat_img = self.enc_img(img)
-        sel, owner, weight = _gather_instances(masks, valid)
+        sel, owner, weight = _gather_instances(masks, valid, self.static_sets)
         feat_ins = self.enc_mask(sel)
         feat_set = _set_sum(feat_ins, owner, weight, b)
         dec = self.dec_mask(torch.cat([feat_ins, feat_img[owner], feat_set[owner]], 1))
-        masks_out = torch.full_like(masks, -1.0, dtype=dec.dtype)
-        if valid.any():
-            masks_out = masks_out.masked_scatter(valid[:, :, None, None].expand_as(masks_out), dec)
+        if self.static_sets:
+            masks_out = torch.where(valid[:, :, None, None], dec.view(masks.shape), -1.0).to(dec.dtype)
+        else:
+            masks_out = torch.full_like(masks, -1.0, dtype=dec.dtype)
+            if valid.any():
+                masks_out = masks_out.masked_scatter(valid[:, :, None, None].expand_as(masks_out), dec)
         feat = torch.cat([feat_img, feat_set], 1)
         # what the image follows: the translated masks, detached (image losses must not move them through it; they
         # learn to grow over whatever the generator paints, measured), thresholded with `sharp`
@@ -225,7 +287,7 @@ class SetGenerator(nn.Module):
             img_out = self.dec_img(feat, cond)
         else:
             img_out = self.dec_img(feat)
-        if not valid.any():
+        if not self.static_sets and not valid.any():
             img_out = img_out + 0.0 * dec.sum()  # keeps the mask decoder in the graph (see module docstring)
         if self.paint == "residual":
             img_out = (img.float() + 2 * img_out.float()).clamp(-1, 1)  # images stay in [-1, 1]
@@ -424,6 +486,21 @@ def build_discriminator(model) -> nn.Module:
         return ImageDiscriminator(model.ndf)
     return SetDiscriminator(model.ndf, inst_img=model.d_inst_img, img_head=model.d_img_head,
                             mask_head=model.d_mask)
+
+
+def compile_layers(module: nn.Module, **options) -> nn.Module:
+    """torch.compile, in place, the layer stacks of a SetGenerator (its encoders and decoders; mask sets then
+    padded to every slot, `static_sets`, so a chunk of `ins_per` masks per image has one shape) or of another
+    network (its direct nn.Sequential children). Parameter names, and so state_dicts, stay as they were.
+    Discriminators are left as they are: spectral norm's power iteration writes buffers inside the forward."""
+    if isinstance(module, (SetDiscriminator, Segmenter)):
+        return module
+    if isinstance(module, SetGenerator):
+        module.static_sets = True
+    for child in module.children():
+        if isinstance(child, (nn.Sequential, CondDecoder)):
+            child.compile(**options)
+    return module
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -34,7 +34,8 @@ from instagan import masks as M
 from instagan.config import Config
 from instagan.config import amp_dtype as config_amp
 from instagan.memory import lean_saved_tensors, release_free_heap, use_lean
-from instagan.networks import Segmenter, build_discriminator, build_generator, unwrap
+from instagan.networks import (Segmenter, build_discriminator, build_generator, compile_layers, fast_narrow_convs,
+                               unwrap)
 from instagan.pool import HistoryPool
 
 NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
@@ -85,6 +86,12 @@ class TrainState:
         device = torch.device(device)
         nets = nets or {k: v.to(device) for k, v in build_networks(cfg).items()}
         t = cfg.train
+        if not use_lean(cfg):  # small models: the decoders' last convs space-to-depth on CPU (same numbers)
+            for v in nets.values():
+                fast_narrow_convs(unwrap(v))
+        if t.compile:  # static shapes: each stack compiles once per chunk shape (and dtype), in the first step
+            for v in nets.values():
+                compile_layers(unwrap(v), dynamic=False)
         g_params = [p for k in ("G_ab", "G_ba") for p in nets[k].parameters()]
         d_params = [p for k in ("D_a", "D_b") for p in nets[k].parameters()]
         # fused: one kernel per step and no temporary copies of the parameters (lower peak memory).
