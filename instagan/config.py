@@ -102,9 +102,11 @@ class TrainConfig:
     # freed heap to the OS twice per chunk; "plain" runs the step without it; "auto" picks lean for paper-size
     # steps and plain for small ones (instagan.memory.use_lean has the rule and the numbers behind it).
     memory: str = "auto"
-    # torch.compile the generators' and discriminators' layer stacks (inductor; CPU needs a C++ compiler). The
-    # mask batches are then padded to batch x ins_per so each stack compiles once per shape; the first step pays
-    # the compile time (instagan.bench_step reports it). Same losses as eager to rounding (tests/test_bench_step.py).
+    # torch.compile the generators' layer stacks (inductor; CPU needs a C++ compiler; the discriminators stay eager:
+    # spectral norm writes buffers in the forward). The mask batches are then padded to batch x ins_per so each
+    # stack compiles once per shape; the first step pays the compile time (instagan.bench_step reports it). Losses
+    # match eager within 1e-2 relative after 2 steps (tests/test_bench_step.py). Slower on the small CPU model
+    # (README "Benchmark").
     compile: bool = False
 
     def __post_init__(self) -> None:
