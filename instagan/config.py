@@ -52,6 +52,10 @@ class ModelConfig:
     # the image follows the translated masks where they are > 0 (as the metrics read them), not in proportion to
     # their soft values: composite, mask_cond and paint "extend" see them thresholded (they are detached there)
     sharp: bool = False
+    # the image decoder's last conv starts at zero ("zero") instead of N(0, 0.02) ("normal", the authors'): with paint
+    # "residual" or "extend" the first image is then exactly the input (or the objects grown into their translated
+    # masks) instead of that plus a change of about +-1 of noise, which the GAN must first learn to remove
+    paint_init: str = "normal"
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
     d_mask: bool = False  # D has a head judging each mask alone (its shape, per instance)
@@ -60,6 +64,10 @@ class ModelConfig:
         _one_of("model.arch", self.arch, ("instagan", "cyclegan", "cyclegan_seg"))
         _one_of("model.upsample", self.upsample, ("deconv", "resize"))
         _one_of("model.paint", self.paint, ("direct", "residual", "gated", "extend"))
+        _one_of("model.paint_init", self.paint_init, ("normal", "zero"))
+        if self.paint_init == "zero" and self.paint not in ("residual", "extend"):
+            raise ValueError(f"model.paint_init 'zero' needs model.paint 'residual' or 'extend' (a zero change), got "
+                             f"paint {self.paint!r}")
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,8 @@ class SetGenerator(nn.Module):
       grows, the change starts from the object's own mean colour, not from the background.
     - sharp: composite, mask_cond and "extend" see the translated masks thresholded at 0 (+1 inside, -1 outside)
       instead of their soft values, so a corner the mask adds is painted fully, not in proportion to a mask of 0.3.
+    - paint_init "zero": the image decoder's last conv starts at zero, so with "residual" or "extend" the first
+      painted image is the input (or its objects grown into the translated masks), with no noise to unlearn.
     - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
     """
 
@@ -249,10 +251,14 @@ class SetGenerator(nn.Module):
     static_sets = False  # encode every mask slot, padding with weight 0 (_gather_instances; set by `compile_layers`)
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
-                 mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False):
+                 mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False,
+                 paint_init: str = "normal"):
         super().__init__()
         if paint not in PAINT:
             raise ValueError(f"unknown paint {paint!r}, expected one of {PAINT}")
+        if paint_init not in ("normal", "zero") or (paint_init == "zero" and paint not in ("residual", "extend")):
+            raise ValueError(f"paint_init must be 'normal', or 'zero' with paint 'residual' or 'extend'; got "
+                             f"{paint_init!r} with {paint!r}")
         self.composite, self.mask_cond, self.paint, self.sharp = composite, mask_cond, paint, sharp
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
         self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
@@ -261,6 +267,10 @@ class SetGenerator(nn.Module):
         self.dec_img = (CondDecoder(8 * ngf, cout, 2, upsample) if mask_cond else _decoder(8 * ngf, cout, upsample))
         self.dec_mask = _decoder(12 * ngf, 1, upsample)  # g_GA on [f_GA(a_n); f_GX(x); s]
         _init_weights(self)
+        if paint_init == "zero":  # the first change is none: the image starts as the input (or its grown objects)
+            last = [m for m in self.dec_img.modules() if isinstance(m, nn.Conv2d)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, img: Tensor, masks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         check_shapes(img, masks, valid)
@@ -471,7 +481,8 @@ def build_generator(model) -> nn.Module:
     """G of a `ModelConfig`: InstaGAN's SetGenerator or an ablation baseline's ImageGenerator."""
     if model.arch == "instagan":
         return SetGenerator(model.ngf, model.n_blocks, composite=model.composite, mask_cond=model.mask_cond,
-                            upsample=model.upsample, paint=model.paint, sharp=model.sharp)
+                            upsample=model.upsample, paint=model.paint, sharp=model.sharp,
+                            paint_init=model.paint_init)
     if model.arch in ("cyclegan", "cyclegan_seg"):
         return ImageGenerator(model.ngf, model.n_blocks, seg=model.arch == "cyclegan_seg", upsample=model.upsample)
     raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")

@@ -363,3 +363,19 @@ def test_mask_head_judges_each_mask_alone_and_averages_per_image():
     assert out.shape[1] == 2
     torch.testing.assert_close(out[0, 1:], torch.stack(alone).mean(0)[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_zero_paint_init_starts_from_the_input_and_still_learns_a_change():
+    """paint_init "zero" with paint "residual": the first image is the input exactly (no change to unlearn), and
+    the last conv gets a gradient, so training moves it; with "normal" the first change is large."""
+    b = make_batch("a", 2, 32)
+    zero = SetGenerator(ngf=8, n_blocks=1, paint="residual", paint_init="zero")
+    out, _ = zero(b["img"], b["masks"], b["valid"].bool())
+    torch.testing.assert_close(out, b["img"], rtol=0, atol=0)
+    out.square().sum().backward()
+    last = [m for m in zero.dec_img.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert last.weight.grad.abs().sum() > 0
+    normal = SetGenerator(ngf=8, n_blocks=1, paint="residual")
+    assert (normal(b["img"], b["masks"], b["valid"].bool())[0] - b["img"]).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="paint_init"):
+        SetGenerator(ngf=8, n_blocks=1, paint="direct", paint_init="zero")
