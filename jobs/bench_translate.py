@@ -12,6 +12,16 @@ a2b by an untrained generator of the given width (speed does not depend on the w
   all --n rows (fresh output folders; Ray started once, its start-up reported as ray_init_s). with_startup =
   n / wall of the full run; steady = (n - n_small) / (wall_full - wall_small), the rate once actors run, and
   startup_s = wall_small - n_small / steady, the fixed cost of one job (planning, actor start, checkpoint load).
+- with --segmenter FILE (a jobs/train_segmenter.py checkpoint or a torchvision Mask R-CNN file; `r50-untrained`
+  builds torchvision's maskrcnn_resnet50_fpn with random weights, for its speed at 800 px): segment_images_per_s is
+  the segmenter alone (InstanceSegmenter.predict in batches of --batch-size), bare_rows_predict_images_per_s what an
+  actor of `jobs/translate.py --masks predict` does per row (segment, then translate the predicted masks), and
+  predict_vs_given = that over bare_rows_images_per_s. two_stage_bound_images_per_s estimates separate segmenter and
+  translator actors of --threads / 2 CPUs each, perfectly overlapped: 1 / max(t_segment, t_translate), each timed
+  at --threads / 2 threads (with --threads 2 or more). --no-job skips the Ray runs.
+
+    python jobs/bench_translate.py --segmenter /tmp/seg/run/checkpoint_step00000200 --no-job   # the small one
+    python jobs/bench_translate.py --segmenter r50-untrained --n 8 --no-job                    # Mask R-CNN R50
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch threads (bare loop) = CPUs and threads of the actor")
     p.add_argument("--ins-per", type=int, default=2)
+    p.add_argument("--segmenter", help="also time --masks predict with this segmenter file (or r50-untrained)")
+    p.add_argument("--category", help="the segmenter's category (default: its only one; r50-untrained: sheep)")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--no-job", action="store_true", help="time the bare loops only (no Ray)")
     args = p.parse_args(argv)
     n_small = args.n_small or max(1, args.n // 4)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -77,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     job.translate_rows(tr, rows, size=None, batch_size=args.batch_size, direction="a2b", checkpoint=ckpt)
     bare_rows = len(rows) / (time.perf_counter() - t0)
+    seg_figures = segment_figures(args, tmp, tr, rows, items, ckpt, bare_rows) if args.segmenter else {}
+    if args.no_job:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps({"size": args.size, "ngf": args.ngf, "n_blocks": args.n_blocks, "n": args.n,
+                          "instances": sum(len(m) for _, m in items), "batch_size": args.batch_size,
+                          "threads": args.threads, "bare_images_per_s": round(bare[0], 3),
+                          "bare_rows_images_per_s": round(bare_rows, 3), **seg_figures,
+                          "loadavg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}))
+        return 0
 
     import ray
 
@@ -108,9 +131,56 @@ def main(argv: list[str] | None = None) -> int:
         "job_startup_s": round(walls["small"] - n_small / steady, 2), "ray_init_s": round(ray_init, 2),
         "job_wall_s": {k: round(v, 2) for k, v in walls.items()},
         "ratio_steady": round(steady / bare_mean, 3), "ratio_with_startup": round(with_startup / bare_mean, 3),
+        **seg_figures,
         "loadavg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "torch": torch.__version__,
     }))
     return 0
+
+
+def segment_figures(args, tmp: Path, tr, rows: list, items: list, ckpt: str, bare_rows: float) -> dict:
+    """The --segmenter figures (module docstring)."""
+    import torch
+
+    from instagan.distributed import translate as job
+    from instagan.segment import COCO_CATEGORIES, InstanceSegmenter, build_model
+
+    path, category = args.segmenter, args.category
+    if path == "r50-untrained":
+        seg = InstanceSegmenter(build_model("maskrcnn_resnet50_fpn"), "maskrcnn_resnet50_fpn", COCO_CATEGORIES,
+                                category="sheep")
+        path, category = str(seg.save(tmp / "r50.pt")), category or "sheep"
+    seg = InstanceSegmenter.from_file(path, category=category, score_threshold=args.score_threshold,
+                                      batch_size=args.batch_size, max_instances=20)
+    images = [img for img, _ in items]
+    seg.predict(images[:1])  # first-call set-up out of the timings
+
+    def seg_rate() -> float:
+        t0 = time.perf_counter()
+        seg.predict(images)
+        return len(images) / (time.perf_counter() - t0)
+
+    def tr_rate() -> float:
+        return bare_loop(tr, items, args.batch_size)
+
+    segment = seg_rate()
+    t0 = time.perf_counter()
+    out = job.translate_rows(tr, rows, size=None, batch_size=args.batch_size, direction="a2b", checkpoint=ckpt,
+                             segmenter=seg, masks="predict", segmenter_path=path)
+    predict = len(rows) / (time.perf_counter() - t0)
+    figures = {"segmenter": args.segmenter, "segmenter_arch": seg.arch, "segment_images_per_s": round(segment, 3),
+               "bare_rows_predict_images_per_s": round(predict, 3),
+               "predict_vs_given": round(predict / bare_rows, 3),
+               "predicted_instances": sum(len(r["input_masks"]) for r in out),
+               "no_instances_detected": sum(1 for r in out if r["image"] is None)}
+    if args.threads >= 2:  # two stages of half the threads each
+        half = args.threads // 2
+        torch.set_num_threads(half)
+        seg_half, tr_half = seg_rate(), tr_rate()
+        torch.set_num_threads(args.threads)
+        figures.update(two_stage_threads_each=half, segment_images_per_s_half=round(seg_half, 3),
+                       translate_images_per_s_half=round(tr_half, 3),
+                       two_stage_bound_images_per_s=round(min(seg_half, tr_half), 3))
+    return figures
 
 
 if __name__ == "__main__":
