@@ -56,6 +56,9 @@ class ModelConfig:
     # "residual" or "extend" the first image is then exactly the input (or the objects grown into their translated
     # masks) instead of that plus a change of about +-1 of noise, which the GAN must first learn to remove
     paint_init: str = "normal"
+    # with paint "extend": where an object leaves a pixel (inside its input mask, outside every translated mask) the
+    # base is the local background colour, not the object's (networks.background_fill)
+    vacate: bool = False
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
     d_mask: bool = False  # D has a head judging each mask alone (its shape, per instance)
@@ -65,6 +68,8 @@ class ModelConfig:
         _one_of("model.upsample", self.upsample, ("deconv", "resize"))
         _one_of("model.paint", self.paint, ("direct", "residual", "gated", "extend"))
         _one_of("model.paint_init", self.paint_init, ("normal", "zero"))
+        if self.vacate and self.paint != "extend":
+            raise ValueError(f"model.vacate needs model.paint 'extend', got {self.paint!r}")
         if self.paint_init == "zero" and self.paint not in ("residual", "extend"):
             raise ValueError(f"model.paint_init 'zero' needs model.paint 'residual' or 'extend' (a zero change), got "
                              f"paint {self.paint!r}")

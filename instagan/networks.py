@@ -21,6 +21,7 @@ import functools
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint
@@ -167,11 +168,13 @@ def paint_weight(masks: Tensor, valid: Tensor) -> Tensor:
     return fg.sum(dim=1, keepdim=True).clamp(max=1)
 
 
-def extend_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor) -> Tensor:
+def extend_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor, vacate: bool = False) -> Tensor:
     """The input with each instance grown into its translated shape in its own mean colour: where the translated
     masks cover a pixel no input mask covers, the colour is the mean input colour of the instances covering it
     (weighted by their translated masks); every other pixel is the input's. (B, 3, H, W), (B, N, H, W) x2, (B, N)
-    -> (B, 3, H, W) fp32. The base that paint "extend" changes: an object keeps its colour where its shape grows."""
+    -> (B, 3, H, W) fp32. The base that paint "extend" changes: an object keeps its colour where its shape grows.
+    vacate: also where an input instance lies and no translated one does (the area a shrinking object leaves),
+    the base is the local background (`background_fill`) instead of the object."""
     v = valid[:, :, None, None].float()
     w_in = masks.float().clamp(min=0) * v
     w_out = out_masks.float().clamp(min=0) * v
@@ -179,8 +182,32 @@ def extend_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor)
     colour = torch.einsum("bchw,bnhw->bnc", x, w_in) / w_in.flatten(2).sum(-1).clamp(min=1e-6)[..., None]
     cover = w_out.sum(1, keepdim=True)
     fill = torch.einsum("bnc,bnhw->bchw", colour, w_out) / cover.clamp(min=1e-6)
-    added = (cover.clamp(max=1) - w_in.sum(1, keepdim=True).clamp(max=1)).clamp(min=0)
-    return x * (1 - added) + fill * added
+    inside = w_in.sum(1, keepdim=True).clamp(max=1)
+    added = (cover.clamp(max=1) - inside).clamp(min=0)
+    out = x * (1 - added) + fill * added
+    if vacate:
+        left = (inside - cover.clamp(max=1)).clamp(min=0)
+        out = out * (1 - left) + background_fill(x, 1 - inside) * left
+    return out
+
+
+def background_fill(x: Tensor, bg: Tensor, sizes: tuple[int, ...] = (9, 17, 33)) -> Tensor:
+    """The local background colour at every pixel: the mean of x over the background pixels (weight `bg`, (B, 1,
+    H, W) in [0, 1]) of a k x k window, for the smallest k of `sizes` whose window holds any, else the image's
+    background mean (else its mean). (B, 3, H, W) fp32, no gradient to x's objects."""
+    x, bg = x.float(), bg.float()
+    out = torch.zeros_like(x)
+    todo = torch.ones_like(bg)
+    for k in sizes:
+        num = F.avg_pool2d(x * bg, k, 1, k // 2, count_include_pad=False)
+        den = F.avg_pool2d(bg, k, 1, k // 2, count_include_pad=False)
+        have = (den > 1e-3).float() * todo
+        out = out + have * num / den.clamp(min=1e-3)
+        todo = todo - have
+    total = bg.sum((2, 3), keepdim=True)
+    mean = torch.where(total > 0, (x * bg).sum((2, 3), keepdim=True) / total.clamp(min=1e-6),
+                       x.mean((2, 3), keepdim=True))
+    return out + todo * mean
 
 
 def check_shapes(img: Tensor, masks: Tensor, valid: Tensor) -> None:
@@ -242,6 +269,8 @@ class SetGenerator(nn.Module):
       grows, the change starts from the object's own mean colour, not from the background.
     - sharp: composite, mask_cond and "extend" see the translated masks thresholded at 0 (+1 inside, -1 outside)
       instead of their soft values, so a corner the mask adds is painted fully, not in proportion to a mask of 0.3.
+    - vacate (with "extend"): where an object leaves a pixel (input mask, no translated mask), the base is the local
+      background colour (`background_fill`) instead of the object's, so shrinking starts from the background.
     - paint_init "zero": the image decoder's last conv starts at zero, so with "residual" or "extend" the first
       painted image is the input (or its objects grown into the translated masks), with no noise to unlearn.
     - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
@@ -252,14 +281,17 @@ class SetGenerator(nn.Module):
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
                  mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False,
-                 paint_init: str = "normal"):
+                 paint_init: str = "normal", vacate: bool = False):
         super().__init__()
         if paint not in PAINT:
             raise ValueError(f"unknown paint {paint!r}, expected one of {PAINT}")
         if paint_init not in ("normal", "zero") or (paint_init == "zero" and paint not in ("residual", "extend")):
             raise ValueError(f"paint_init must be 'normal', or 'zero' with paint 'residual' or 'extend'; got "
                              f"{paint_init!r} with {paint!r}")
+        if vacate and paint != "extend":
+            raise ValueError(f"vacate needs paint 'extend', got {paint!r}")
         self.composite, self.mask_cond, self.paint, self.sharp = composite, mask_cond, paint, sharp
+        self.vacate = vacate
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
         self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
         # g_GX on [f_GX(x); s] (+ one gate channel)
@@ -302,7 +334,7 @@ class SetGenerator(nn.Module):
         if self.paint == "residual":
             img_out = (img.float() + 2 * img_out.float()).clamp(-1, 1)  # images stay in [-1, 1]
         elif self.paint == "extend":
-            base = extend_colours(img, masks, valid, follow)
+            base = extend_colours(img, masks, valid, follow, self.vacate)
             img_out = (base + 2 * img_out.float()).clamp(-1, 1)
         elif self.paint == "gated":
             keep = (img_out[:, -1:].float() + 1) / 2  # tanh -> [0, 1]
@@ -482,7 +514,7 @@ def build_generator(model) -> nn.Module:
     if model.arch == "instagan":
         return SetGenerator(model.ngf, model.n_blocks, composite=model.composite, mask_cond=model.mask_cond,
                             upsample=model.upsample, paint=model.paint, sharp=model.sharp,
-                            paint_init=model.paint_init)
+                            paint_init=model.paint_init, vacate=model.vacate)
     if model.arch in ("cyclegan", "cyclegan_seg"):
         return ImageGenerator(model.ngf, model.n_blocks, seg=model.arch == "cyclegan_seg", upsample=model.upsample)
     raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")

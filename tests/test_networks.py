@@ -379,3 +379,28 @@ def test_zero_paint_init_starts_from_the_input_and_still_learns_a_change():
     assert (normal(b["img"], b["masks"], b["valid"].bool())[0] - b["img"]).abs().mean() > 0.05
     with pytest.raises(ValueError, match="paint_init"):
         SetGenerator(ngf=8, n_blocks=1, paint="direct", paint_init="zero")
+
+
+def test_vacate_starts_a_shrinking_object_from_the_background_and_a_growing_one_from_its_colour():
+    from instagan.networks import extend_colours
+
+    x = torch.zeros(1, 3, 32, 32)
+    x[:, 0] = torch.linspace(-0.5, 0.5, 32)  # a background that varies across the image
+    x[:, :, 8:24, 8:24] = -1.0  # one object, black
+    m = torch.full((1, 2, 32, 32), -1.0)
+    m[:, 0, 8:24, 8:24] = 1
+    valid = torch.tensor([[True, False]])
+    out = torch.full_like(m, -1.0)
+    out[:, 0, 12:20, 4:28] = 1  # narrower and wider: pixels left and pixels grown
+    base = extend_colours(x, m, valid, out, vacate=True)
+    torch.testing.assert_close(base[:, :, 14, 4], x[:, :, 8, 8])  # grown: the object's colour
+    torch.testing.assert_close(base[:, :, 14, 14], x[:, :, 14, 14])  # stays the object: the input
+    left = base[0, :, 9, 10]  # left by the object: the local background, not black
+    assert left[1:].abs().max() < 1e-6 and abs(float(left[0]) - float(x[0, 0, 4, 10])) < 0.15
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[8:24, 8:24] = False
+    outside[12:20, 4:28] = False
+    torch.testing.assert_close(base[0][:, outside], x[0][:, outside])  # the rest of the background is the input's
+    torch.testing.assert_close(extend_colours(x, m, valid, out)[:, :, 9, 10], x[:, :, 9, 10])  # off: the object
+    with pytest.raises(ValueError, match="vacate"):
+        SetGenerator(ngf=8, n_blocks=1, paint="residual", vacate=True)
