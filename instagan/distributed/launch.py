@@ -23,7 +23,7 @@ from instagan.config import Config
 from instagan.storage import write_text
 
 # The embedded default (configs/tiny_synthetic.yaml): a tiny model with the quality recipe on generated 64x64
-# images, 2 CPU workers at half a CPU each, about 9 minutes on a 2-core laptop, then the test metrics.
+# images, 2 CPU workers at half a CPU each, about 10 minutes on a 2-core machine, then the test metrics.
 DEFAULT = {
     "model": {"ngf": 16, "ndf": 16, "n_blocks": 2, "composite": True, "paint": "extend", "sharp": True,
               "mask_cond": True, "d_mask": True, "paint_init": "zero"},
@@ -102,7 +102,7 @@ def synthetic_data(cfg: Config, n: int) -> Config:
 # Ray Data 2.60 reads Parquet footers on a pool of 32 FooterReader actors per read_parquet, each a Python worker
 # process (about 200 MB and 1-2 CPU-s to start), for every domain and every epoch. Each actor reads footers on 128
 # threads, so 2 are plenty for this project's data sets (a few to a few hundred part files). Measured on 2 cores,
-# 12-file split: one epoch's read 5.2 s with 32 actors, 1.5 s with one. A value the user set wins.
+# one domain's split: one epoch's read 5.2 s with 32 actors, 1.5 s with one. A value the user set wins.
 RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 
