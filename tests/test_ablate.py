@@ -61,9 +61,9 @@ def test_a_short_run_of_the_quality_recipe_beats_the_untrained_floor_on_image_sh
     """150 CPU-seconds of configs/ablations/instagan.yaml on a small generated set, evaluated on its test split:
     the translated IMAGES take the target shape more often than the untrained floor's, the objects keep their
     colours more often, the translated masks take the target shape far more often than the identity floor's,
-    and the background is the input's exactly (the composite). Measured: img_shape b2a 0.25 (untrained 0.03),
-    img_survive 0.25 / 0.28 (0.03 / 0.03), mask_shape b2a 0.81 (identity 0.30). a->b image shapes need a much
-    longer budget (README "Quality")."""
+    and the background is the input's exactly (the composite). Measured with the 2026-12-03 recipe: img_shape
+    b2a 0.25 (untrained 0.03), img_survive 0.25 / 0.28 (0.03 / 0.03), mask_shape b2a 0.81 (identity 0.30). a->b
+    image shapes need a much longer budget (README "Quality")."""
     torch.set_num_threads(1)
     write_synthetic(tmp_path / "data", n=120, size=72, test_fraction=0.25)
     cfg = Config.from_file(ablate.RECIPES["instagan"]).replace(**{"data.root": str(tmp_path / "data")})
