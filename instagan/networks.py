@@ -103,11 +103,11 @@ class NarrowConv2d(nn.Conv2d):
         h, w = x.shape[-2] - k + 1, x.shape[-1] - k + 1
         if h % r or w % r:
             return super().forward(x)
-        x = nn.functional.pad(x, (0, (w // r + q - 1) * r - x.shape[-1], 0, (h // r + q - 1) * r - x.shape[-2]))
+        x = F.pad(x, (0, (w // r + q - 1) * r - x.shape[-1], 0, (h // r + q - 1) * r - x.shape[-2]))
         weight = torch.cat([self.weight.flatten(), self.weight.new_zeros(1)])[index]
         bias = None if self.bias is None else self.bias.repeat_interleave(r * r)
-        y = self._conv_forward(nn.functional.pixel_unshuffle(x, r), weight, bias)
-        return nn.functional.pixel_shuffle(y, r)
+        y = self._conv_forward(F.pixel_unshuffle(x, r), weight, bias)
+        return F.pixel_shuffle(y, r)
 
 
 def fast_narrow_convs(module: nn.Module, on: bool = True) -> nn.Module:
