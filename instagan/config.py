@@ -121,6 +121,9 @@ class TrainConfig:
     # match eager within 1e-2 relative after 2 steps (tests/test_bench_step.py). Slower on the small CPU model
     # (README "Benchmark").
     compile: bool = False
+    # Networks' weights (and so their activations) in channels_last memory format: NHWC convolutions, the layout
+    # cuDNN's tensor-core kernels and oneDNN prefer (python -m instagan.bench --channels-last measures it).
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         _one_of("train.amp", self.amp, ("none", "bf16"))

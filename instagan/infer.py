@@ -37,7 +37,7 @@ from torch import Tensor
 from instagan import checkpoint
 from instagan import masks as M
 from instagan.config import Config
-from instagan.networks import build_generator, check_shapes
+from instagan.networks import build_generator, check_shapes, setup_device
 
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 
@@ -62,6 +62,7 @@ class Translator:
         if ins_max < 1 or ins_per < 1:
             raise ValueError(f"ins_max ({ins_max}) and ins_per ({ins_per}) must be >= 1")
         self.device = torch.device(device)
+        setup_device(self.device)
         self.G = generator.to(self.device).eval()
         self.mask_mode: str = getattr(getattr(generator, "module", generator), "mask_mode", "instances")
         self.ins_max, self.ins_per, self.amp_dtype = ins_max, ins_per, amp_dtype

@@ -35,7 +35,7 @@ from instagan.config import Config
 from instagan.config import amp_dtype as config_amp
 from instagan.memory import lean_saved_tensors, release_free_heap, use_lean
 from instagan.networks import (Segmenter, build_discriminator, build_generator, compile_layers, fast_narrow_convs,
-                               unwrap)
+                               setup_device, unwrap)
 from instagan.pool import HistoryPool
 
 NETS = ("G_ab", "G_ba", "D_a", "D_b")  # D_a judges domain a; the paper's G_XY = G_ab, G_YX = G_ba
@@ -84,9 +84,13 @@ class TrainState:
                rank: int = 0) -> "TrainState":
         """Fresh state. `nets` may be passed already placed/wrapped (e.g. by ray.train.torch.prepare_model)."""
         device = torch.device(device)
+        setup_device(device)
         nets = nets or {k: v.to(device) for k, v in build_networks(cfg).items()}
         t = cfg.train
-        if not use_lean(cfg):  # small models: the decoders' last convs space-to-depth on CPU (same numbers)
+        if t.channels_last:
+            for v in nets.values():
+                v.to(memory_format=torch.channels_last)
+        if not use_lean(cfg, device):  # small models: the decoders' last convs space-to-depth on CPU (same numbers)
             for v in nets.values():
                 fast_narrow_convs(unwrap(v))
         if t.compile:  # static shapes: each stack compiles once per chunk shape (and dtype), in the first step
@@ -258,7 +262,7 @@ class Precision:
     def of(cls, cfg: Config, device: torch.device, amp_dtype: torch.dtype | None) -> "Precision":
         # Lean: no autocast weight cache, which would keep a low-precision copy of every weight until the pass
         # ends, while lean_saved_tensors lets each copy go as soon as its conv has run.
-        lean = use_lean(cfg)
+        lean = use_lean(cfg, device)
         autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not lean)
         return cls(autocast, lean, lean and device.type == "cpu")
 

@@ -118,3 +118,20 @@ def test_benchmark_prints_medians_and_ratios(monkeypatch, capsys):
     assert run["amp"] == "none" and len(run["project_all"]) == len(run["plain_all"]) == 2
     assert run["ratio"] == pytest.approx(run["project_cpu_s"] / run["plain_cpu_s"])
     assert out["threads"] == 1
+
+
+def test_channels_last_changes_the_layout_not_the_losses():
+    """train.channels_last: every 4-D weight is NHWC, and a step gives the default layout's losses (fp32, 1e-3).
+    One step: after it, Adam's first update (lr * sign(gradient)) turns rounding noise in near-zero gradients into
+    lr-sized differences (tests/test_memory.py)."""
+    cfg = Config.from_dict(TINY)
+    nhwc = TrainState.create(cfg.replace(**{"train.channels_last": True}))
+    nchw = TrainState.create(cfg)
+    w = nhwc.nets["G_ab"].state_dict()
+    convs = [v for k, v in w.items() if k.endswith("weight") and v.ndim == 4]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
+    assert not any(v.is_contiguous() for v in convs if v.shape[1] > 1 and v.shape[2] > 1)
+    ours, ref = train_step(nhwc, *_batches(0)), train_step(nchw, *_batches(0))
+    assert ours["chunks"] == 2
+    for k in ref:
+        assert ours[k] == pytest.approx(ref[k], rel=1e-3, abs=1e-3), k

@@ -31,7 +31,7 @@ def test_release_free_heap_returns_freed_tensor_memory():
     assert keep.sum().item() == 16_000  # live memory is untouched
 
 
-def test_auto_rule_runs_the_paper_model_lean_and_the_small_model_plain():
+def test_auto_rule_runs_the_paper_model_lean_on_cpu_and_the_small_model_and_gpus_plain():
     from instagan.config import Config
     from instagan.memory import use_lean
 
@@ -41,6 +41,8 @@ def test_auto_rule_runs_the_paper_model_lean_and_the_small_model_plain():
     assert not use_lean(small)
     assert use_lean(small.replace(**{"train.memory": "lean"}))
     assert not use_lean(paper.replace(**{"train.memory": "plain"}))
+    assert use_lean(paper, "cpu") and not use_lean(paper, "cuda") and not use_lean(paper, torch.device("cuda:1"))
+    assert use_lean(paper.replace(**{"train.memory": "lean"}), "cuda")
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
