@@ -19,6 +19,10 @@ a2b by an untrained generator of the given width (speed does not depend on the w
   predict_vs_given = that over bare_rows_images_per_s. two_stage_bound_images_per_s estimates separate segmenter and
   translator actors of --threads / 2 CPUs each, perfectly overlapped: 1 / max(t_segment, t_translate), each timed
   at --threads / 2 threads (with --threads 2 or more). --no-job skips the Ray runs.
+- with --segmenter and --stages: the Ray job with --masks predict on the same rows twice, with the same CPUs:
+  one stage (one actor of --threads CPUs segments and translates) and two stages (a segmenter actor and a
+  translate actor of --threads / 2 CPUs each, jobs/translate.py --segment-actors 1); each on the first --n-small
+  rows and then on all --n rows, reported as steady images/s like the job above (stages_*).
 
     python jobs/bench_translate.py --segmenter /tmp/seg/run/checkpoint_step00000200 --no-job   # the small one
     python jobs/bench_translate.py --segmenter r50-untrained --n 8 --no-job                    # Mask R-CNN R50
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--category", help="the segmenter's category (default: its only one; r50-untrained: sheep)")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--no-job", action="store_true", help="time the bare loops only (no Ray)")
+    p.add_argument("--stages", action="store_true", help="with --segmenter: one stage against two in the Ray job")
     args = p.parse_args(argv)
     n_small = args.n_small or max(1, args.n // 4)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray.init(num_cpus=max(4, args.threads + 2), log_to_driver=False, include_dashboard=False)  # as jobs/translate.py
     ray_init = time.perf_counter() - t0
+    stage_figures = stage_runs(args, tmp, ckpt, seg_figures["segmenter_file"], n_small) if args.stages else {}
     walls = {}
     for name, n in (("small", n_small), ("full", args.n)):
         source = Source("parquet", "a", files=[str(tmp / f"{name}.parquet")])
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "job_startup_s": round(walls["small"] - n_small / steady, 2), "ray_init_s": round(ray_init, 2),
         "job_wall_s": {k: round(v, 2) for k, v in walls.items()},
         "ratio_steady": round(steady / bare_mean, 3), "ratio_with_startup": round(with_startup / bare_mean, 3),
-        **seg_figures,
+        **seg_figures, **stage_figures,
         "loadavg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "torch": torch.__version__,
     }))
     return 0
@@ -167,7 +173,8 @@ def segment_figures(args, tmp: Path, tr, rows: list, items: list, ckpt: str, bar
     out = job.translate_rows(tr, rows, size=None, batch_size=args.batch_size, direction="a2b", checkpoint=ckpt,
                              segmenter=seg, masks="predict", segmenter_path=path)
     predict = len(rows) / (time.perf_counter() - t0)
-    figures = {"segmenter": args.segmenter, "segmenter_arch": seg.arch, "segment_images_per_s": round(segment, 3),
+    figures = {"segmenter": args.segmenter, "segmenter_file": path, "segmenter_arch": seg.arch,
+               "segment_images_per_s": round(segment, 3),
                "bare_rows_predict_images_per_s": round(predict, 3),
                "predict_vs_given": round(predict / bare_rows, 3),
                "predicted_instances": sum(len(r["input_masks"]) for r in out),
@@ -181,6 +188,34 @@ def segment_figures(args, tmp: Path, tr, rows: list, items: list, ckpt: str, bar
                        translate_images_per_s_half=round(tr_half, 3),
                        two_stage_bound_images_per_s=round(min(seg_half, tr_half), 3))
     return figures
+
+
+def stage_runs(args, tmp: Path, ckpt: str, segmenter: str, n_small: int) -> dict:
+    """The --stages figures (module docstring): one stage against two, same rows, same CPUs."""
+    from instagan.distributed import translate as job
+    from instagan.inputs import Source
+
+    half = max(0.5, args.threads / 2)
+    layouts = {"one": dict(segment_actors=0, cpus_per_actor=args.threads, threads=args.threads),
+               "two": dict(segment_actors=1, cpus_per_segment_actor=half, cpus_per_actor=half,
+                           threads=max(1, int(half)))}
+    out = {}
+    for layout, kw in layouts.items():
+        walls = {}
+        for name, n in (("small", n_small), ("full", args.n)):
+            source = Source("parquet", "a", files=[str(tmp / f"{name}.parquet")])
+            t0 = time.perf_counter()
+            summary = job.translate_collection(source, ckpt, str(tmp / f"stages_{layout}_{name}"), actors=1,
+                                               batch_size=args.batch_size, rows_per_file=128, masks="predict",
+                                               segmenter=segmenter, category=args.category,
+                                               score_threshold=args.score_threshold, **kw)
+            walls[name] = time.perf_counter() - t0
+            assert summary["written"] + summary["skipped"] == n, summary
+        out[f"stages_{layout}_images_per_s_steady"] = round((args.n - n_small) / (walls["full"] - walls["small"]), 3)
+        out[f"stages_{layout}_wall_s"] = {k: round(v, 2) for k, v in walls.items()}
+    out["stages_two_vs_one"] = round(out["stages_two_images_per_s_steady"] / out["stages_one_images_per_s_steady"],
+                                     3)
+    return out
 
 
 if __name__ == "__main__":

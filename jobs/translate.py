@@ -21,9 +21,10 @@ segmenter (--segmenter: torchvision's COCO Mask R-CNN weights file, downloaded o
 jobs/train_segmenter.py; --category: the COCO name or id, or the segmenter's own class; --score-threshold,
 --min-instance-area; at most --ins-max instances per image), ignoring any given masks; `auto` predicts only for
 images without masks (a plain image folder, Parquet rows with no masks). Each actor loads the segmenter beside its
-Translator (on --device). Predicted masks are written beside the translated ones (columns predicted, input_masks,
-scores, segmenter, segment_s); an image where nothing is found is listed in the skipped report with the reason
-no_instances_detected.
+Translator (on --device), or, with --segment-actors N, N segmenter actors of --cpus-per-segment-actor CPUs form a
+stage of their own whose batches stream into the translate actors (README: which is faster where). Predicted
+masks are written beside the translated ones (columns predicted, input_masks, scores, segmenter, segment_s); an
+image where nothing is found is listed in the skipped report with the reason no_instances_detected.
 
 Sizes (--size): `model` (the default) resizes every image to the checkpoint's training size (data.size, the scale
 the generator learned), translates it and resizes the image and masks back to the input's own size; `native`
@@ -83,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ins-per", type=int, default=2, help="instances per sequential chunk (paper: 2)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per actor)")
     p.add_argument("--amp", choices=AMP, default="none", help="autocast dtype of the generator")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator in each actor (a first batch of about a minute on CPU)")
     p.add_argument("--actors", type=int, default=1, help="Translator actors")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs reserved by each actor")
     p.add_argument("--threads", type=int, default=0, help="torch threads per actor (default: its whole CPUs)")
@@ -93,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="given: the input's masks; predict: the segmenter's for every image; auto: the segmenter's "
                         "for images without masks")
     segment.add_arguments(p, "for --masks predict|auto")
+    p.add_argument("--segment-actors", type=int, default=0,
+                   help="--masks predict|auto: 0 segments inside each translate actor; N >= 1 runs a separate stage "
+                        "of N segmenter actors before the translate actors, so the two overlap")
+    p.add_argument("--cpus-per-segment-actor", type=float, default=1.0, help="Ray CPUs reserved by each")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bar")
     return p.parse_args(argv)
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if min(args.ins_max, args.ins_per, args.actors, args.batch_size, args.rows_per_file) < 1:
             raise UsageError("--ins-max, --ins-per, --actors, --batch-size and --rows-per-file must be >= 1")
+        if args.segment_actors < 0 or (args.segment_actors and args.masks == "given"):
+            raise UsageError("--segment-actors must be >= 0, and is for --masks predict or auto")
         if "://" not in args.out and Path(args.out).exists() and not Path(args.out).is_dir():
             raise UsageError(f"--out {args.out} is a file, not a folder: translations are written as a folder of "
                              f"Parquet files (and PNGs with --png)")
@@ -135,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch.init_ray(args.address, args.actors * args.cpus_per_actor, dashboard=False)
+    launch.init_ray(args.address, args.actors * args.cpus_per_actor
+                    + args.segment_actors * args.cpus_per_segment_actor, dashboard=False)
     summary = translate.translate_collection(
         source, args.checkpoint, args.out, direction=args.direction, size=args.size, ins_max=args.ins_max,
         ins_per=args.ins_per, device=args.device, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         threads=args.threads, batch_size=args.batch_size, rows_per_file=args.rows_per_file, amp=args.amp,
         png=args.png, progress=not args.no_progress, masks=args.masks, segmenter=args.segmenter,
-        category=args.category, score_threshold=args.score_threshold, min_area=args.min_instance_area)
+        category=args.category, score_threshold=args.score_threshold, min_area=args.min_instance_area,
+        segment_actors=args.segment_actors, cpus_per_segment_actor=args.cpus_per_segment_actor,
+        compile=args.compile)
     print(json.dumps(summary))
     if summary["unreadable_parts"]:
         print(f"[translate] {len(summary['unreadable_parts'])} unreadable part file(s) moved to {args.out}/unreadable "

@@ -28,7 +28,7 @@ from instagan.data import decode_masks  # noqa: E402
 from instagan.infer import Translator  # noqa: E402
 from instagan.segment import InstanceSegmenter, build_model  # noqa: E402
 from instagan.segment_train import match_instances  # noqa: E402
-from instagan.distributed.translate import translate_rows  # noqa: E402
+from instagan.distributed.translate import segment_rows, translate_rows  # noqa: E402
 from instagan.synthetic import make_image  # noqa: E402
 from jobs import translate as job  # noqa: E402
 from tests.conftest import tiny_checkpoint  # noqa: E402
@@ -74,18 +74,24 @@ def test_segmenter_settings_are_checked_before_ray(tmp_path, ckpt, image_folder,
                          (["--segmenter", path], "--segmenter and --category are for --masks predict or auto")):
         assert job.main(base + extra) == 2
         assert words in capsys.readouterr().err
+    assert job.main(base + ["--masks", "predict", "--segmenter", path, "--segment-actors", "-1"]) == 2
+    assert "--segment-actors must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stages", [[], ["--segment-actors", "1", "--cpus-per-segment-actor", "0.5"]],
+                         ids=["one_stage", "two_stages"])
 def test_predict_on_a_folder_without_masks_writes_every_id_once(ray_local, tmp_path, ckpt, trained, image_folder,
-                                                               capsys):
+                                                               capsys, stages):
     out = tmp_path / "out"
     args = ["--checkpoint", ckpt, "--input", str(image_folder), "--out", str(out), "--masks", "predict",
-            "--segmenter", trained, "--score-threshold", "0.3", "--png", str(tmp_path / "png"), "--no-progress"]
+            "--segmenter", trained, "--score-threshold", "0.3", "--png", str(tmp_path / "png"), "--no-progress",
+            *stages]
     assert job.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["kind"] == "images" and summary["masks"] == "predict" and summary["inputs"] == 7
+    assert summary["segment_stage"] == bool(stages)
     assert summary["written"] == summary["predicted"] == 6 and summary["skipped"] == 1
     table = pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("part-*.parquet")))
     rows = {r["id"]: r for r in table.to_pylist()}
@@ -132,5 +138,13 @@ def test_auto_predicts_only_where_masks_are_missing(ckpt, trained):
         assert (len(r["input_masks"]) > 0) == r["predicted"]
         if not r["predicted"]:  # the given masks were used: one translated mask per given mask
             assert len(r["masks"]) == len(make_image("a", i, 64)[1]) and r["segmenter"] is None
+    # two stages (segment_rows, then translate_rows with the rows' masks) write what one stage writes
+    staged = translate_rows(tr, segment_rows(seg, rows, "auto", trained), size=None, batch_size=4, direction="a2b",
+                            checkpoint=ckpt)
+    for r in staged:
+        one = by_id[r["id"]]
+        assert {k: v for k, v in r.items() if k not in ("time_s", "segment_s")} == \
+            {k: v for k, v in one.items() if k not in ("time_s", "segment_s")}
+        assert (r["segment_s"] is None) == (one["segment_s"] is None)
     with pytest.raises(ValueError, match="needs a segmenter"):
         translate_rows(tr, rows, size=None, batch_size=4, direction="a2b", checkpoint=ckpt, masks="predict")

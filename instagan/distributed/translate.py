@@ -69,17 +69,72 @@ def read_input(source: Source, skip_ids: Iterable[str] = ()):
 
 # ---- translation ---------------------------------------------------------------------------------------------
 
+PREDICTED = [  # what the segment stage adds to a ROWS row for the translate stage (masks holds the predicted ones)
+    ("predicted", pa.bool_()), ("scores", pa.list_(pa.float64())), ("segmenter", pa.string()),
+    ("segment_s", pa.float64()),
+]
+SEGMENTED = pa.schema(list(ROWS) + [pa.field(*f) for f in PREDICTED])
+
+
+def segment_rows(segmenter, rows: list[dict], masks: str, segmenter_path: str | None, check=None) -> list[dict]:
+    """The segment stage: ROWS rows -> SEGMENTED rows. Rows that need masks (masks "predict": every row; "auto":
+    rows without masks) get the segmenter's, encoded like data_prep's, with predicted true, their scores and their
+    share of the batch's segmenter time; the others pass with predicted false. A row that cannot be decoded, that
+    `check(img)` rejects, or where nothing is found loses its image and gets the reason in `problems` (reported
+    as skipped by the translate stage). One bad row never stops the others."""
+    out, pending = [], []
+    for row in rows:
+        row = {**row, "predicted": False, "scores": [], "segmenter": None, "segment_s": None}
+        if row["image"] is None or not (masks == "predict" or (masks == "auto" and not row.get("masks"))):
+            out.append(row)
+            continue
+        try:
+            img, _ = decode_row({**row, "masks": None})
+            if check is not None:
+                check(img)
+        except (BadRow, ValueError) as e:
+            reason, detail = (e.reason, e.detail) if isinstance(e, BadRow) else ("bad_item", str(e))
+            out.append(_dropped(row, reason, detail))
+            continue
+        pending.append((len(out), row, img))
+        out.append(None)
+    if pending:
+        t0 = time.perf_counter()
+        found = segmenter.predict_each([img for _, _, img in pending])
+        share = (time.perf_counter() - t0) / len(pending)
+        for (i, row, img), f in zip(pending, found):
+            if isinstance(f, Exception):
+                out[i] = _dropped(row, "segment_error", f"{type(f).__name__}: {f}")
+            elif not len(f.masks):
+                out[i] = _dropped(row, "no_instances_detected", segmenter.nothing_found())
+            else:
+                out[i] = {**row, "masks": encode_masks(list(f.masks)), "height": img.shape[0], "width": img.shape[1],
+                          "predicted": True, "scores": [float(x) for x in f.scores], "segmenter": segmenter_path,
+                          "segment_s": share}
+    return out
+
+
+def _dropped(row: dict, reason: str, detail: str) -> dict:
+    problems = json.loads(row.get("problems") or "[]")
+    problems.append(quarantine_row(row["id"], row.get("source") or "", reason, detail))
+    return {**row, "image": None, "problems": json.dumps(problems)}
+
+
 def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, direction: str, checkpoint: str,
                    png_dir: str | None = None, segmenter=None, masks: str = "given",
                    segmenter_path: str | None = None) -> list[dict]:
-    """Translate ROWS rows with an instagan.infer.Translator -> rows in ACTOR_OUT, failed ones with image None and
-    their reasons in `problems`. One bad row never stops the others. masks: "given", "predict" or "auto" (see the
-    module docstring) with `segmenter`, an instagan.segment.InstanceSegmenter loaded from `segmenter_path`."""
+    """Translate ROWS (or SEGMENTED) rows with an instagan.infer.Translator -> rows in ACTOR_OUT, failed ones with
+    image None and their reasons in `problems`. One bad row never stops the others. masks "predict" or "auto" with
+    `segmenter` (an instagan.segment.InstanceSegmenter loaded from `segmenter_path`) runs the segment stage first,
+    in this call (one stage); rows of a segment stage come with their predicted masks (two stages)."""
     if masks not in MASK_MODES:
         raise ValueError(f"masks must be one of {', '.join(MASK_MODES)}, got {masks!r}")
-    if masks != "given" and segmenter is None:
-        raise ValueError(f"masks={masks!r} needs a segmenter")
-    out, items, good, pending = [], [], [], []
+    if masks != "given":
+        if segmenter is None:
+            raise ValueError(f"masks={masks!r} needs a segmenter")
+        rows = segment_rows(segmenter, rows, masks, segmenter_path,
+                            check=lambda img: tr.check_item(img, np.zeros((0, *img.shape[:2]), bool)))
+    out, items, good = [], [], []
     for row in rows:
         problems = json.loads(row.get("problems") or "[]")
         if row["image"] is None:
@@ -87,10 +142,6 @@ def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, dire
             continue
         try:
             img, given = decode_row(row)
-            if masks == "predict" or (masks == "auto" and not len(given)):
-                tr.check_item(img, np.zeros((0, *img.shape[:2]), bool))
-                pending.append((row, problems, img))
-                continue
             try:
                 tr.check_item(img, given)
             except ValueError as e:
@@ -101,24 +152,11 @@ def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, dire
             out.append(_failed(row, problems))
             continue
         items.append((img, given))
-        good.append((row, problems, None))
-    if pending:
-        t0 = time.perf_counter()
-        found = segmenter.predict_each([img for _, _, img in pending])
-        seg_share = (time.perf_counter() - t0) / len(pending)
-        for (row, problems, img), f in zip(pending, found):
-            reason = ("segment_error", f"{type(f).__name__}: {f}") if isinstance(f, Exception) else (
-                ("no_instances_detected", segmenter.nothing_found()) if not len(f.masks) else None)
-            if reason:
-                problems.append(quarantine_row(row["id"], row.get("source") or "", *reason))
-                out.append(_failed(row, problems))
-                continue
-            items.append((img, f.masks))
-            good.append((row, problems, (f, seg_share)))
+        good.append((row, problems))
     t0 = time.perf_counter()
     results = tr.translate_each(items, size=size, batch_size=batch_size) if items else []
     share = (time.perf_counter() - t0) / max(1, len(items))
-    for (row, problems, predicted), item, res in zip(good, items, results):
+    for (row, problems), item, res in zip(good, items, results):
         if isinstance(res, Exception):
             problems.append(quarantine_row(row["id"], row.get("source") or "", "translate_error",
                                            f"{type(res).__name__}: {res}"))
@@ -126,16 +164,18 @@ def translate_rows(tr, rows: list[dict], size: int | None, batch_size: int, dire
             continue
         buf = io.BytesIO()
         Image.fromarray(res.img).save(buf, "PNG", compress_level=1)
-        masks = list(res.masks)
+        out_masks = list(res.masks)
+        predicted = bool(row.get("predicted"))
         out.append({"id": row["id"], "image": buf.getvalue(), "format": "PNG", "height": res.img.shape[0],
-                    "width": res.img.shape[1], "masks": encode_masks(masks), "areas": [int(m.sum()) for m in masks],
+                    "width": res.img.shape[1], "masks": encode_masks(out_masks),
+                    "areas": [int(m.sum()) for m in out_masks],
                     "translated": [bool(t) for t in res.translated], "direction": direction,
                     "checkpoint": checkpoint, "source": row.get("source") or "", "time_s": share,
-                    "problems": json.dumps(problems) if problems else "", "predicted": predicted is not None,
-                    "input_masks": encode_masks(list(predicted[0].masks)) if predicted else [],
-                    "scores": [float(x) for x in predicted[0].scores] if predicted else [],
-                    "segmenter": segmenter_path if predicted else None,
-                    "segment_s": predicted[1] if predicted else None})
+                    "problems": json.dumps(problems) if problems else "", "predicted": predicted,
+                    "input_masks": list(row["masks"]) if predicted else [],
+                    "scores": list(row["scores"]) if predicted else [],
+                    "segmenter": row["segmenter"] if predicted else None,
+                    "segment_s": row["segment_s"] if predicted else None})
         if png_dir:
             write_overlay(Path(png_dir), row["id"], item, res)
     return out
@@ -171,7 +211,7 @@ class TranslateActor:
                  device: str = "cpu", size: int | None = None, batch_size: int = 8, threads: int = 0,
                  amp: str = "none", png_dir: str | None = None, skip_ids=None, masks: str = "given",
                  segmenter: str | None = None, category: str | None = None, score_threshold: float = 0.5,
-                 min_area: int = 1):
+                 min_area: int = 1, compile: bool = False):
         import ray
         import torch
 
@@ -181,7 +221,7 @@ class TranslateActor:
         if threads:
             torch.set_num_threads(threads)
         self.tr = Translator.from_checkpoint(checkpoint, direction=direction, ins_max=ins_max, ins_per=ins_per,
-                                             device=device, amp_dtype=amp_dtype(amp))
+                                             device=device, amp_dtype=amp_dtype(amp), compile=compile)
         seg = None
         if masks != "given":
             from instagan.segment import InstanceSegmenter
@@ -197,6 +237,31 @@ class TranslateActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [r for r in batch.to_pylist() if r["id"] not in self.skip]
         return pa.Table.from_pylist(translate_rows(self.tr, rows, **self.kw), schema=ACTOR_OUT)
+
+
+class SegmentActor:
+    """Ray Data actor of the segment stage (translate_collection with segment_actors >= 1): loads the segmenter once,
+    then adds the predicted masks to batches (pyarrow tables in ROWS -> SEGMENTED; `segment_rows`)."""
+
+    def __init__(self, segmenter: str, masks: str = "predict", category: str | None = None,
+                 score_threshold: float = 0.5, min_area: int = 1, max_instances: int = 20, device: str = "cpu",
+                 batch_size: int = 8, threads: int = 0, skip_ids=None):
+        import ray
+        import torch
+
+        from instagan.segment import InstanceSegmenter
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.seg = InstanceSegmenter.from_file(segmenter, category=category, score_threshold=score_threshold,
+                                               min_area=min_area, max_instances=max_instances, device=device,
+                                               batch_size=batch_size)
+        self.masks, self.path = masks, segmenter
+        self.skip = ray.get(skip_ids) if isinstance(skip_ids, ray.ObjectRef) else set(skip_ids or ())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [r for r in batch.to_pylist() if r["id"] not in self.skip]
+        return pa.Table.from_pylist(segment_rows(self.seg, rows, self.masks, self.path), schema=SEGMENTED)
 
 
 def done_ids(out: str) -> tuple[set[str], list[str]]:
@@ -268,10 +333,14 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
                          cpus_per_actor: float = 1.0, threads: int = 0, batch_size: int = 8,
                          rows_per_file: int = 128, amp: str = "none", png: str | None = None,
                          progress: bool = True, masks: str = "given", segmenter: str | None = None,
-                         category: str | None = None, score_threshold: float = 0.5, min_area: int = 1) -> dict:
+                         category: str | None = None, score_threshold: float = 0.5, min_area: int = 1,
+                         segment_actors: int = 0, cpus_per_segment_actor: float = 1.0, compile: bool = False) -> dict:
     """Translate `source` into `out` with Ray Data (Ray must be initialised); returns the run summary.
     progress=False hides Ray Data's progress bars. masks, segmenter, category, score_threshold, min_area: where the
-    masks come from (module docstring) and what the segmenter keeps."""
+    masks come from (module docstring) and what the segmenter keeps. segment_actors: 0 segments inside each
+    translate actor (one stage); N >= 1 runs a segment stage of N actors of cpus_per_segment_actor CPUs (one GPU
+    each with a cuda device) before the translate stage, so the two overlap. compile: each actor's Translator
+    compiles its generator (instagan.infer.Translator)."""
     import ray
 
     if not progress:
@@ -285,7 +354,8 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
     if segmenter is not None and "://" not in segmenter:
         segmenter = str(Path(segmenter).resolve())
     summary = {"run": run, "kind": source.kind, "domain": source.domain, "direction": direction, "out": out,
-               "checkpoint": checkpoint, "size": size, "masks": masks, "segmenter": segmenter, "inputs": len(ids),
+               "checkpoint": checkpoint, "size": size, "masks": masks, "segmenter": segmenter,
+               "segment_stage": bool(masks != "given" and segment_actors), "inputs": len(ids),
                "already_done": len(ids) - len(todo), "unreadable_parts": moved}
     problems = list(source.problems)
     returns = []
@@ -295,9 +365,20 @@ def translate_collection(source: Source, checkpoint: str, out: str, direction: s
                       size=None if size == "model" else 0, batch_size=batch_size,
                       threads=threads or max(1, int(cpus_per_actor)), amp=amp, png_dir=png,
                       skip_ids=ray.put(done) if source.kind == "parquet" and done else None, masks=masks,
-                      segmenter=segmenter, category=category, score_threshold=score_threshold, min_area=min_area)
+                      segmenter=segmenter, category=category, score_threshold=score_threshold, min_area=min_area,
+                      compile=compile)
         sink = make_sink(out, run, rows_per_file)
-        ds = read_input(source, skip_ids=done).map_batches(
+        ds = read_input(source, skip_ids=done)
+        if masks != "given" and segment_actors:
+            ds = ds.map_batches(
+                SegmentActor, fn_constructor_kwargs=dict(
+                    segmenter=segmenter, masks=masks, category=category, score_threshold=score_threshold,
+                    min_area=min_area, max_instances=ins_max, device=device, batch_size=batch_size,
+                    threads=max(1, int(cpus_per_segment_actor)), skip_ids=kwargs["skip_ids"]),
+                compute=ray.data.ActorPoolStrategy(size=segment_actors), batch_size=batch_size,
+                batch_format="pyarrow", num_cpus=cpus_per_segment_actor, num_gpus=1 if gpu else 0)
+            kwargs.update(masks="given", segmenter=None, category=None)
+        ds = ds.map_batches(
             TranslateActor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)
         ds.write_datasink(sink)
