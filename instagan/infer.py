@@ -37,7 +37,7 @@ from torch import Tensor
 from instagan import checkpoint
 from instagan import masks as M
 from instagan.config import Config
-from instagan.networks import build_generator, check_shapes, setup_device
+from instagan.networks import build_generator, check_shapes, compile_layers, fast_narrow_convs, setup_device
 
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 
@@ -58,12 +58,16 @@ class ArrayTranslation:
 
 class Translator:
     def __init__(self, generator: torch.nn.Module, ins_max: int = 20, ins_per: int = 2,
-                 device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None):
+                 device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None, compile: bool = False):
+        """compile: torch.compile the generator's layer stacks (instagan.networks.compile_layers, static shapes: one
+        compile per batch and image shape, the first call of each pays it)."""
         if ins_max < 1 or ins_per < 1:
             raise ValueError(f"ins_max ({ins_max}) and ins_per ({ins_per}) must be >= 1")
         self.device = torch.device(device)
         setup_device(self.device)
-        self.G = generator.to(self.device).eval()
+        self.G = fast_narrow_convs(generator.to(self.device).eval())  # the decoders' last conv, on CPU (networks)
+        if compile:
+            compile_layers(self.G, dynamic=False)
         self.mask_mode: str = getattr(getattr(generator, "module", generator), "mask_mode", "instances")
         self.ins_max, self.ins_per, self.amp_dtype = ins_max, ins_per, amp_dtype
         self.config: Config | None = None  # the training config, when loaded from a checkpoint

@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=("model", "native"), default="model",
                    help="model: resize to the training size and back (default); native: the input's own size")
     p.add_argument("--amp", choices=AMP, default="none", help="autocast dtype of the generator")
+    p.add_argument("--compile", action="store_true", help="torch.compile the generator in each replica")
     p.add_argument("--max-instances", type=int, default=Limits.max_instances)
     p.add_argument("--max-bytes", type=int, default=Limits.max_bytes)
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="per image or mask")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                    "min_area": args.min_instance_area}
         app = build_app(args.checkpoint, args.direction, args.num_replicas, args.device, args.max_batch,
                         args.batch_wait_s, args.ins_max, args.ins_per, None if args.size == "model" else 0, limits,
-                        args.num_cpus, args.threads, args.amp, api_key, seg)
+                        args.num_cpus, args.threads, args.amp, api_key, seg, args.compile)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -399,13 +399,13 @@ class InstaGANServer:
     def __init__(self, checkpoint: str, direction: str = "a2b", device: str = "cpu", ins_max: int = 20,
                  ins_per: int = 2, size: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.02,
                  limits: dict | None = None, threads: int = 0, amp: str = "none",
-                 api_key_sha256: str | None = None, segmenter: dict | None = None):
+                 api_key_sha256: str | None = None, segmenter: dict | None = None, compile: bool = False):
         import torch
 
         if threads > 0:
             torch.set_num_threads(threads)
         self.tr = Translator.from_checkpoint(checkpoint, direction, ins_max=ins_max, ins_per=ins_per, device=device,
-                                             amp_dtype=amp_dtype(amp))
+                                             amp_dtype=amp_dtype(amp), compile=compile)
         self.direction, self.size, self.max_batch = direction, size, max_batch
         self.limits = Limits(**(limits or {}))
         self.seg, self.seg_info = None, None
@@ -465,13 +465,15 @@ class InstaGANServer:
 def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, device: str = "cpu",
               max_batch: int = 8, batch_wait_s: float = 0.02, ins_max: int = 20, ins_per: int = 2,
               size: int | None = None, limits: Limits = Limits(), num_cpus: float = 1.0, threads: int = 0,
-              amp: str = "none", api_key: str | None = None, segmenter: dict | None = None):
+              amp: str = "none", api_key: str | None = None, segmenter: dict | None = None,
+              compile: bool = False):
     """The Serve application (pass to serve.run). size None: the model's training size; 0: native size.
     threads: torch threads per replica (0: the default, which Ray sets from num_cpus); amp: none, bf16 or fp16.
     api_key: what POST /translate requires (None: nothing); only its SHA-256 is bound into the deployment.
     segmenter: {"path", "category", "score_threshold", "min_area"} (InstanceSegmenter.from_file's arguments): each
     replica loads it and predicts the masks of requests without any; loaded here first, so a bad file or category
-    fails before Serve starts."""
+    fails before Serve starts. compile: each replica's Translator compiles its generator (one compile per batch
+    and image shape: with size None every batch of n images has one shape; the first requests of each wait)."""
     digest = None if api_key is None else api_key_digest(api_key)
     if segmenter:
         from instagan.segment import InstanceSegmenter
@@ -487,7 +489,7 @@ def build_app(checkpoint: str, direction: str = "a2b", num_replicas: int = 1, de
     return InstaGANServer.options(num_replicas=num_replicas, max_ongoing_requests=2 * max_batch,
                                   ray_actor_options=actor).bind(
         str(Path(checkpoint).resolve()), direction, device, ins_max, ins_per, size, max_batch, batch_wait_s,
-        asdict(limits), threads, amp, digest, segmenter)
+        asdict(limits), threads, amp, digest, segmenter, compile)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, detach: bool = False,
