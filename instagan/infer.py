@@ -65,7 +65,7 @@ class Translator:
             raise ValueError(f"ins_max ({ins_max}) and ins_per ({ins_per}) must be >= 1")
         self.device = torch.device(device)
         setup_device(self.device)
-        self.G = fast_narrow_convs(generator.to(self.device).eval())  # the decoders' last conv, on CPU (networks)
+        self.G = generator.to(self.device).eval()
         if compile:
             compile_layers(self.G, dynamic=False)
         self.mask_mode: str = getattr(getattr(generator, "module", generator), "mask_mode", "instances")
@@ -78,7 +78,7 @@ class Translator:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
         cfg, payload = checkpoint.load(directory)
-        G = build_generator(cfg.model)
+        G = fast_narrow_convs(build_generator(cfg.model))  # the decoders' last conv, faster on CPU (networks)
         G.load_state_dict(payload[DIRECTIONS[direction]])
         tr = cls(G, **kwargs)
         tr.config = cfg

@@ -71,7 +71,13 @@ def _encoder(cin: int, ngf: int, n_blocks: int) -> nn.Sequential:
 @functools.cache
 def _s2d_index(cout: int, cin: int, k: int, r: int) -> tuple[Tensor, int]:
     """Where each weight of NarrowConv2d's space-to-depth conv comes from: flat indices into [weight.flatten(); 0]
-    of shape (cout r^2, cin r^2, q, q), and q = ceil((k + r - 1) / r), its kernel size."""
+    of shape (cout r^2, cin r^2, q, q), and q = ceil((k + r - 1) / r), its kernel size. Built outside inference
+    mode (cached, and a Translator may ask first), so training can save it for backward."""
+    with torch.inference_mode(False):
+        return _s2d_index_of(cout, cin, k, r)
+
+
+def _s2d_index_of(cout: int, cin: int, k: int, r: int) -> tuple[Tensor, int]:
     q = -(-(k + r - 1) // r)
     o, dy, dx, c, py, px, qy, qx = torch.meshgrid(*[torch.arange(n) for n in (cout, r, r, cin, r, r, q, q)],
                                                    indexing="ij")

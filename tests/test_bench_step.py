@@ -135,3 +135,15 @@ def test_channels_last_changes_the_layout_not_the_losses():
     assert ours["chunks"] == 2
     for k in ref:
         assert ours[k] == pytest.approx(ref[k], rel=1e-3, abs=1e-3), k
+
+
+def test_narrow_conv_trains_after_inference_asked_first():
+    """The cached space-to-depth index is not an inference tensor even when a Translator (inference mode) is the
+    first to ask for it: a training backward through the same shape works afterwards."""
+    narrow = NarrowConv2d(40, 3, 7)  # a shape no other test uses, so this test builds the cache entry
+    narrow.space_to_depth = True
+    with torch.inference_mode():
+        narrow(torch.randn(1, 40, 14, 14))
+    x = torch.randn(1, 40, 14, 14, requires_grad=True)
+    narrow(x).sum().backward()
+    assert x.grad is not None and narrow.weight.grad is not None
