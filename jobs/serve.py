@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                    "min_area": args.min_instance_area}
         app = build_app(args.checkpoint, args.direction, args.num_replicas, args.device, args.max_batch,
                         args.batch_wait_s, args.ins_max, args.ins_per, None if args.size == "model" else 0, limits,
-                        args.num_cpus, args.threads, args.amp, api_key, seg, args.compile)
+                        args.num_cpus, args.threads, args.amp, api_key, seg, compile=args.compile)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

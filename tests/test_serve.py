@@ -312,7 +312,7 @@ def test_api_key_is_checked_before_the_body_and_the_schema_describes_translate(u
 
 def test_serve_job_needs_a_key_from_the_environment_off_loopback(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(serve_job, "build_app", lambda *a: calls.append(a) or "app")
+    monkeypatch.setattr(serve_job, "build_app", lambda *a, **kw: calls.append(a) or "app")
     monkeypatch.setattr(serve_job, "run", lambda app, host, *a: calls.append(host) or 0)
     monkeypatch.delenv("INSTAGAN_TEST_KEY", raising=False)
     job = lambda *extra: serve_job.main(["--checkpoint", "ckpt", *extra])  # noqa: E731
