@@ -59,6 +59,9 @@ class ModelConfig:
     # with paint "extend": where an object leaves a pixel (inside its input mask, outside every translated mask) the
     # base is the local background colour, not the object's (networks.background_fill)
     vacate: bool = False
+    # the image follows only the part of each translated mask that is connected (8-neighbours, inside the mask) to its
+    # input instance: stray fragments the mask branch leaves away from the object are not painted
+    connected: bool = False
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
     d_mask: bool = False  # D has a head judging each mask alone (its shape, per instance)

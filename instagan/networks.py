@@ -197,6 +197,20 @@ def extend_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor,
     return out
 
 
+def connected_part(masks: Tensor, out_masks: Tensor) -> Tensor:
+    """Each translated mask (> 0) kept only where it is connected, through its own pixels (8-neighbours), to its
+    input instance's pixels (> 0); elsewhere -1. A translated mask that does not touch its input instance is kept
+    whole (nothing to anchor it). (B, N, H, W) x2 -> (B, N, H, W) in out_masks' dtype, no gradient."""
+    with torch.no_grad():
+        inside = (out_masks > 0).float()
+        reach = inside * (masks > 0).float()
+        for _ in range(max(out_masks.shape[-2:])):  # a path inside an H x W mask is at most H x W long; this many
+            reach = F.max_pool2d(reach, 3, 1, 1) * inside  # steps covers masks that are not spirals
+        anchored = reach.flatten(2).amax(-1)[..., None, None] > 0
+        keep = torch.where(anchored, reach > 0, inside > 0)
+        return torch.where(keep, out_masks, torch.full_like(out_masks, -1.0))
+
+
 def background_fill(x: Tensor, bg: Tensor, sizes: tuple[int, ...] = (9, 17, 33)) -> Tensor:
     """The local background colour at every pixel: the mean of x over the background pixels (weight `bg`, (B, 1,
     H, W) in [0, 1]) of a k x k window, for the smallest k of `sizes` whose window holds any, else the image's
@@ -277,6 +291,8 @@ class SetGenerator(nn.Module):
       instead of their soft values, so a corner the mask adds is painted fully, not in proportion to a mask of 0.3.
     - vacate (with "extend"): where an object leaves a pixel (input mask, no translated mask), the base is the local
       background colour (`background_fill`) instead of the object's, so shrinking starts from the background.
+    - connected: the image follows each translated mask only where it connects to its input instance
+      (`connected_part`): stray fragments of a mask away from its object are not painted.
     - paint_init "zero": the image decoder's last conv starts at zero, so with "residual" or "extend" the first
       painted image is the input (or its objects grown into the translated masks), with no noise to unlearn.
     - upsample: "deconv" (the authors' transposed convs) or "resize" (nearest x2 + conv).
@@ -287,7 +303,7 @@ class SetGenerator(nn.Module):
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
                  mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False,
-                 paint_init: str = "normal", vacate: bool = False):
+                 paint_init: str = "normal", vacate: bool = False, connected: bool = False):
         super().__init__()
         if paint not in PAINT:
             raise ValueError(f"unknown paint {paint!r}, expected one of {PAINT}")
@@ -297,7 +313,7 @@ class SetGenerator(nn.Module):
         if vacate and paint != "extend":
             raise ValueError(f"vacate needs paint 'extend', got {paint!r}")
         self.composite, self.mask_cond, self.paint, self.sharp = composite, mask_cond, paint, sharp
-        self.vacate = vacate
+        self.vacate, self.connected = vacate, connected
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
         self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
         # g_GX on [f_GX(x); s] (+ one gate channel)
@@ -330,6 +346,8 @@ class SetGenerator(nn.Module):
         follow = masks_out.detach()
         if self.sharp:
             follow = torch.where(follow > 0, 1.0, -1.0).to(follow.dtype)
+        if self.connected:
+            follow = connected_part(masks, follow)
         if self.mask_cond:
             cond = torch.cat([paint_weight(masks, valid), paint_weight(follow, valid)], 1)
             img_out = self.dec_img(feat, cond)
@@ -520,7 +538,7 @@ def build_generator(model) -> nn.Module:
     if model.arch == "instagan":
         return SetGenerator(model.ngf, model.n_blocks, composite=model.composite, mask_cond=model.mask_cond,
                             upsample=model.upsample, paint=model.paint, sharp=model.sharp,
-                            paint_init=model.paint_init, vacate=model.vacate)
+                            paint_init=model.paint_init, vacate=model.vacate, connected=model.connected)
     if model.arch in ("cyclegan", "cyclegan_seg"):
         return ImageGenerator(model.ngf, model.n_blocks, seg=model.arch == "cyclegan_seg", upsample=model.upsample)
     raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")

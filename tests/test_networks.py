@@ -404,3 +404,34 @@ def test_vacate_starts_a_shrinking_object_from_the_background_and_a_growing_one_
     torch.testing.assert_close(extend_colours(x, m, valid, out)[:, :, 9, 10], x[:, :, 9, 10])  # off: the object
     with pytest.raises(ValueError, match="vacate"):
         SetGenerator(ngf=8, n_blocks=1, paint="residual", vacate=True)
+
+
+def test_connected_keeps_the_part_of_a_translated_mask_that_touches_its_object():
+    """connected_part: a stray fragment away from the object is dropped, the part grown from the object is kept
+    whole (also around a corner), a mask that does not touch its object is kept; and in the generator the image
+    then paints no stray fragment (composite: the stray pixels are the input's)."""
+    from instagan.networks import connected_part
+
+    m = torch.full((1, 3, 24, 24), -1.0)
+    out = torch.full_like(m, -1.0)
+    m[0, 0, 4:8, 4:8] = 1
+    out[0, 0, 3:10, 3:10] = 1  # grown from the object
+    out[0, 0, 9:20, 9:11] = 1  # ... and on, diagonally touching then down: still connected
+    out[0, 0, 18:22, 18:22] = 1  # a stray fragment
+    m[0, 1, 20:23, 0:3] = 1
+    out[0, 1, 2:5, 18:21] = 1  # nowhere near its object: nothing to anchor, kept
+    kept = connected_part(m, out)
+    want = out.clone()
+    want[0, 0, 18:22, 18:22] = -1
+    want[0, 0, 18:20, 9:11] = out[0, 0, 18:20, 9:11]  # the column reaches row 19, not the fragment (18+, col 18+)
+    torch.testing.assert_close(kept, want)
+
+    torch.manual_seed(0)
+    G = SetGenerator(ngf=8, n_blocks=1, composite=True, paint="extend", sharp=True, connected=True)
+    batch = make_batch("a", 2, 32, ins=(1, 2))
+    with torch.no_grad():
+        y, masks_out = G(batch["img"], batch["masks"], batch["valid"])
+        follow = connected_part(batch["masks"], torch.where(masks_out > 0, 1.0, -1.0))
+        u = ((torch.cat([batch["masks"], follow], 1) > 0) & torch.cat([batch["valid"]] * 2, 1)[..., None, None])
+        outside = ~u.any(1, keepdim=True).expand_as(y)
+        torch.testing.assert_close(y[outside], batch["img"][outside])
