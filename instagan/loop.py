@@ -349,7 +349,8 @@ class Progress:
             done, left = step - self.step0, (total - step if total else None)
             where = f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}"
         eta = _duration(elapsed * left / done) if done > 0 and left is not None else "?"
-        parts = [where, f"epoch {int(metrics['epoch']) + 1}/{t.epochs + t.epochs_decay}"]
+        epoch = int(metrics["epoch"]) + 1  # a budget stretches the lr schedule over CPU-seconds, not epochs
+        parts = [where, f"epoch {epoch}" if self.budget else f"epoch {epoch}/{t.epochs + t.epochs_decay}"]
         if "perf/samples_per_s" in metrics:
             parts.append(f"{metrics['perf/samples_per_s']:.2f} samples/s")
         losses = " ".join(f"{name} {metrics[k]:.3f}" for name, k in self.LOSSES if k in metrics)

@@ -71,3 +71,15 @@ def test_local_run_stopped_part_way_resumes_like_an_uninterrupted_run(tmp_path):
     # Another model in the same folder is refused, not silently mixed.
     with pytest.raises(ValueError, match="model config"):
         train_local(cfg.replace(**{"model.ngf": 4}), tmp_path / "part", resume=True)
+
+
+def test_progress_line_counts_epochs_against_the_schedule_only_without_a_budget():
+    from instagan.config import Config
+    from instagan.loop import Clock, Progress
+
+    cfg = Config.from_dict({"train": {"epochs": 6, "epochs_decay": 4}})
+    metrics = {"step": 40, "epoch": 13, "loss/G": 2.0}
+    budget = Progress(cfg, 600.0, Clock(), 0).line(metrics)
+    assert "CPU-s | epoch 14 |" in budget and "14/10" not in budget
+    steps = Progress(cfg, None, Clock(), 0).line(metrics)
+    assert "epoch 14/10" in steps and "G 2.000" in steps
