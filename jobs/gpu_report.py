@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BEST_LEVERS = ("composite", "paint", "sharp", "mask_cond", "d_mask", "paint_init")  # model keys of the best recipe
 
 
-SMOKE = {"size": 32, "ngf": 8, "ndf": 8, "n_blocks": 1, "batches": (1, 2), "steps": 1,
+SMOKE = {"size": 32, "ngf": 8, "ndf": 8, "n_blocks": 1, "batches": (1, 2), "steps": 1, "warmup": 1,
          "matmul": 512}  # --smoke: a CPU check
-PAPER = {"size": 200, "ngf": 64, "ndf": 64, "n_blocks": 9, "batches": (1, 8, 32), "steps": 5,
+PAPER = {"size": 200, "ngf": 64, "ndf": 64, "n_blocks": 9, "batches": (1, 8, 32), "steps": 5, "warmup": 2,
          "matmul": 8192}
 
 
@@ -59,7 +59,7 @@ def matmul_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float:
 
 def bench_argv(device: str, peak_tflops: float, model: dict, **kw) -> list[str]:
     argv = ["--device", device, "--size", str(model["size"]), "--ngf", str(model["ngf"]), "--ndf", str(model["ndf"]),
-            "--n-blocks", str(model["n_blocks"]), "--steps", str(model["steps"]), "--warmup", "2",
+            "--n-blocks", str(model["n_blocks"]), "--steps", str(model["steps"]), "--warmup", str(model["warmup"]),
             "--peak-tflops", str(peak_tflops)]
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")

@@ -2,6 +2,7 @@
 script a GPU session runs has run before it gets there."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +28,17 @@ def test_gpu_report_smoke_writes_every_part(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "jobs/gpu_report.py", "--device", "cpu", "--smoke", "--out", str(out),
                            "--data", str(data), "--work", str(tmp_path / "runs"), "--steps", "2",
-                           "--parts", "peak", "bench", "quality", "--bench-ins-only", "--recipes", "best", "paper"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--parts", "peak", "bench", "quality", "--bench-ins-only", "--recipes", "best"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread: a busy machine stays fast
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["peak"]["bf16_matmul_tflops"] > 0
     runs = report["bench"]
     assert [(r["ins"], r["memory"]) for r in runs] == [(2, "lean"), (2, "plain"), (8, "lean"), (8, "plain")]
     assert all(r["samples_per_s"] > 0 and r["peak_mem_bytes"] > 0 for r in runs)
-    for name in ("best", "paper"):
+    assert list(report["quality"]["recipes"]) == ["best"]  # the paper recipe is the same path with another config
+    for name in ("best",):
         rec = report["quality"]["recipes"][name]
         assert rec["config"]["run"]["max_steps"] == 2
         for split in ("test", "train"):
