@@ -116,7 +116,7 @@ class TrainConfig:
     # Memory machinery of the training step (instagan.memory): "lean" keeps less for backward (dtype-preserving
     # padding, saved-tensor hooks, discriminator instance features recomputed in groups) and, on CPU, returns
     # freed heap to the OS twice per chunk; "plain" runs the step without it; "auto" picks lean for paper-size
-    # steps and plain for small ones (instagan.memory.use_lean has the rule and the numbers behind it).
+    # steps on CPU, plain for small ones and on CUDA (instagan.memory.use_lean has the rule and its numbers).
     memory: str = "auto"
     # torch.compile the generators' layer stacks (inductor; CPU needs a C++ compiler; the discriminators stay eager:
     # spectral norm writes buffers in the forward). The mask batches are then padded to batch x ins_per so each
