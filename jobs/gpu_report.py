@@ -67,6 +67,13 @@ def bench_argv(device: str, peak_tflops: float, model: dict, **kw) -> list[str]:
     return argv
 
 
+def fastest_mid(runs: list, model: dict) -> dict | None:
+    """The fastest bench run at the middle batch, bf16, 4 instances (the lean/plain pair), or None."""
+    ok = [r for r in runs if isinstance(r, dict) and "samples_per_s" in r and r.get("batch") == model["batches"][1]
+          and r.get("amp") == "bf16" and r.get("ins") == 4 and not r.get("channels_last")]
+    return max(ok, key=lambda r: r["samples_per_s"]) if ok else None
+
+
 def bench_runs(device: str, peak_tflops: float, model: dict, deadline: float, log, only_ins: bool = False,
                memory: str | None = None) -> list[dict]:
     from instagan import bench
@@ -241,9 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                      a.bench_ins_only))
     steps = a.steps
     if not steps:  # from the paper-size step time at batch 4, 128 px: about a quarter of 200 px batch 8's
-        rates = [r for r in report.get("bench", []) if isinstance(r, dict) and r.get("batch") == model["batches"][1]
-                 and r.get("amp") == "bf16" and r.get("ins") == 4 and "samples_per_s" in r]
-        step_s = (model["batches"][1] / max(r["samples_per_s"] for r in rates)) * 0.25 * 1.5 if rates else 0.5
+        fastest = fastest_mid(report.get("bench", []), model)
+        step_s = model["batches"][1] / fastest["samples_per_s"] * 0.25 * 1.5 if fastest else 0.5
         steps = max(20, int(a.quality_s / step_s))
     part("segment", lambda: segment_rates(a.device, model, log), need_s=20)
     work = Path(a.work or tempfile.mkdtemp(prefix="gpu_report_runs_"))
@@ -253,9 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     def compiled() -> list[dict]:
         from instagan import bench
         mid = model["batches"][1]
-        best = [r for r in report.get("bench", []) if isinstance(r, dict) and "samples_per_s" in r
-                and r.get("batch") == mid and r.get("amp") == "bf16" and r.get("ins") == 4]
-        memory = max(best, key=lambda r: r["samples_per_s"])["memory"] if best else "plain"
+        fastest = fastest_mid(report.get("bench", []), model)
+        memory = fastest["memory"] if fastest else "plain"
         res = bench.run(bench.make_parser().parse_args(
             bench_argv(a.device, a.peak_tflops, model, batch=mid, amp="bf16", memory=memory, compile=True)))
         log(f"[compile] {res['samples_per_s']:.2f} samples/s, first step {res['first_step_s']:.0f} s")
