@@ -62,6 +62,10 @@ class ModelConfig:
     # the image follows only the part of each translated mask that is connected (8-neighbours, inside the mask) to its
     # input instance: stray fragments the mask branch leaves away from the object are not painted
     connected: bool = False
+    # with paint "extend": the base paints the translated objects as layers (networks.layer_colours): where translated
+    # masks overlap, the pixel is the colour of the one with the highest mask value, not a blend of both; and an
+    # object's input pixels on its mask's rim (a mix with the old surroundings) are repainted in its colour
+    layers: bool = False
     d_inst_img: bool = False  # D's instance branch sees each mask with the image inside it (not masks alone)
     d_img_head: bool = False  # D has a second head judging the image alone
     d_mask: bool = False  # D has a head judging each mask alone (its shape, per instance)
@@ -71,8 +75,9 @@ class ModelConfig:
         _one_of("model.upsample", self.upsample, ("deconv", "resize"))
         _one_of("model.paint", self.paint, ("direct", "residual", "gated", "extend"))
         _one_of("model.paint_init", self.paint_init, ("normal", "zero"))
-        if self.vacate and self.paint != "extend":
-            raise ValueError(f"model.vacate needs model.paint 'extend', got {self.paint!r}")
+        for key in ("vacate", "layers"):
+            if getattr(self, key) and self.paint != "extend":
+                raise ValueError(f"model.{key} needs model.paint 'extend', got {self.paint!r}")
         if self.paint_init == "zero" and self.paint not in ("residual", "extend"):
             raise ValueError(f"model.paint_init 'zero' needs model.paint 'residual' or 'extend' (a zero change), got "
                              f"paint {self.paint!r}")

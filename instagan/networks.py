@@ -197,6 +197,35 @@ def extend_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor,
     return out
 
 
+def layer_colours(img: Tensor, masks: Tensor, valid: Tensor, out_masks: Tensor, priority: Tensor,
+                  vacate: bool = False) -> Tensor:
+    """`extend_colours` with the translated objects as layers: every pixel a translated mask (> 0) covers has one
+    owner, the covering instance of the highest `priority` (the translated masks' own values), instead of a blend of
+    the covering instances' colours; its base is the input pixel where it lies inside the owner's input mask away
+    from its rim (the mask eroded by one pixel: edge pixels mix the object with its old surroundings), else the
+    owner's mean input colour (over that eroded mask). Pixels no translated mask covers are the input's (or, with
+    vacate, the local background where an input instance lies). (B, 3, H, W), (B, N, H, W) x3, (B, N) ->
+    (B, 3, H, W) fp32, no gradient to the masks."""
+    with torch.no_grad():
+        v = valid[:, :, None, None]
+        x = img.float()
+        inside_n = ((masks > 0) & v).float()
+        interior = -F.max_pool2d(-inside_n, 3, 1, 1)  # eroded by one pixel (8-neighbours)
+        w = torch.where(interior.flatten(2).sum(-1, keepdim=True)[..., None] > 0, interior, inside_n)
+        colour = torch.einsum("bchw,bnhw->bnc", x, w) / w.flatten(2).sum(-1).clamp(min=1e-6)[..., None]
+        cover = (out_masks > 0) & v
+        rank = torch.where(cover, priority.float(), float("-inf"))
+        owner = F.one_hot(rank.argmax(1), masks.shape[1]).permute(0, 3, 1, 2).float() * cover.any(1, keepdim=True)
+        fill = torch.einsum("bnc,bnhw->bchw", colour, owner)
+        keep_x = (owner * interior).sum(1, keepdim=True)
+        covered = owner.sum(1, keepdim=True)
+        out = x * (1 - covered) + covered * (keep_x * x + (1 - keep_x) * fill)
+        if vacate:
+            left = (inside_n.sum(1, keepdim=True).clamp(max=1) - covered).clamp(min=0)
+            out = out * (1 - left) + background_fill(x, 1 - inside_n.sum(1, keepdim=True).clamp(max=1)) * left
+        return out
+
+
 def connected_part(masks: Tensor, out_masks: Tensor) -> Tensor:
     """Each translated mask (> 0) kept only where it is connected, through its own pixels (8-neighbours), to its
     input instance's pixels (> 0); elsewhere -1. A translated mask that does not touch its input instance is kept
@@ -291,6 +320,8 @@ class SetGenerator(nn.Module):
       instead of their soft values, so a corner the mask adds is painted fully, not in proportion to a mask of 0.3.
     - vacate (with "extend"): where an object leaves a pixel (input mask, no translated mask), the base is the local
       background colour (`background_fill`) instead of the object's, so shrinking starts from the background.
+    - layers (with "extend"): the base paints the translated objects as layers (`layer_colours`): one owner per
+      pixel where translated masks overlap, and an object's anti-aliased input rim repainted in its colour.
     - connected: the image follows each translated mask only where it connects to its input instance
       (`connected_part`): stray fragments of a mask away from its object are not painted.
     - paint_init "zero": the image decoder's last conv starts at zero, so with "residual" or "extend" the first
@@ -303,17 +334,17 @@ class SetGenerator(nn.Module):
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, img_channels: int = 3, composite: bool = False,
                  mask_cond: bool = False, upsample: str = "deconv", paint: str = "direct", sharp: bool = False,
-                 paint_init: str = "normal", vacate: bool = False, connected: bool = False):
+                 paint_init: str = "normal", vacate: bool = False, connected: bool = False, layers: bool = False):
         super().__init__()
         if paint not in PAINT:
             raise ValueError(f"unknown paint {paint!r}, expected one of {PAINT}")
         if paint_init not in ("normal", "zero") or (paint_init == "zero" and paint not in ("residual", "extend")):
             raise ValueError(f"paint_init must be 'normal', or 'zero' with paint 'residual' or 'extend'; got "
                              f"{paint_init!r} with {paint!r}")
-        if vacate and paint != "extend":
-            raise ValueError(f"vacate needs paint 'extend', got {paint!r}")
+        if (vacate or layers) and paint != "extend":
+            raise ValueError(f"vacate and layers need paint 'extend', got {paint!r}")
         self.composite, self.mask_cond, self.paint, self.sharp = composite, mask_cond, paint, sharp
-        self.vacate, self.connected = vacate, connected
+        self.vacate, self.connected, self.layers = vacate, connected, layers
         self.enc_img = _encoder(img_channels, ngf, n_blocks)  # f_GX
         self.enc_mask = _encoder(1, ngf, n_blocks)  # f_GA, shared by all instances
         # g_GX on [f_GX(x); s] (+ one gate channel)
@@ -358,7 +389,8 @@ class SetGenerator(nn.Module):
         if self.paint == "residual":
             img_out = (img.float() + 2 * img_out.float()).clamp(-1, 1)  # images stay in [-1, 1]
         elif self.paint == "extend":
-            base = extend_colours(img, masks, valid, follow, self.vacate)
+            base = (layer_colours(img, masks, valid, follow, masks_out.detach(), self.vacate) if self.layers
+                    else extend_colours(img, masks, valid, follow, self.vacate))
             img_out = (base + 2 * img_out.float()).clamp(-1, 1)
         elif self.paint == "gated":
             keep = (img_out[:, -1:].float() + 1) / 2  # tanh -> [0, 1]
@@ -538,7 +570,8 @@ def build_generator(model) -> nn.Module:
     if model.arch == "instagan":
         return SetGenerator(model.ngf, model.n_blocks, composite=model.composite, mask_cond=model.mask_cond,
                             upsample=model.upsample, paint=model.paint, sharp=model.sharp,
-                            paint_init=model.paint_init, vacate=model.vacate, connected=model.connected)
+                            paint_init=model.paint_init, vacate=model.vacate, connected=model.connected,
+                            layers=model.layers)
     if model.arch in ("cyclegan", "cyclegan_seg"):
         return ImageGenerator(model.ngf, model.n_blocks, seg=model.arch == "cyclegan_seg", upsample=model.upsample)
     raise ValueError(f"unknown model.arch {model.arch!r}, expected one of {ARCHS}")

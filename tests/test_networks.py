@@ -435,3 +435,43 @@ def test_connected_keeps_the_part_of_a_translated_mask_that_touches_its_object()
         u = ((torch.cat([batch["masks"], follow], 1) > 0) & torch.cat([batch["valid"]] * 2, 1)[..., None, None])
         outside = ~u.any(1, keepdim=True).expand_as(y)
         torch.testing.assert_close(y[outside], batch["img"][outside])
+
+
+def test_layers_give_each_overlap_one_owner_and_repaint_an_objects_rim():
+    """layer_colours: where two translated masks overlap, the pixel is the colour of the one with the higher mask
+    value (not a blend); an object's input rim pixels (a mix with the old surroundings) inside its translated mask
+    take its colour, its interior stays the input's, and pixels no translated mask covers are the input's."""
+    from instagan.networks import extend_colours, layer_colours
+
+    red, blue = torch.tensor([0.9, -0.9, -0.9]), torch.tensor([-0.9, -0.9, 0.9])
+    x = torch.zeros(1, 3, 24, 24)
+    x[0, :, 4:10, 4:10] = red[:, None, None]
+    x[0, :, 4:10, 4] = (red / 2)[:, None]  # its left column: a rim mixed with the background
+    x[0, :, 14:20, 14:20] = blue[:, None, None]
+    m = torch.full((1, 3, 24, 24), -1.0)
+    m[0, 0, 4:10, 4:10] = 1
+    m[0, 1, 14:20, 14:20] = 1
+    valid = torch.tensor([[True, True, False]])
+    out = torch.full_like(m, -1.0)
+    out[0, 0, 3:13, 3:13] = 0.9  # red grows ...
+    out[0, 1, 11:20, 11:20] = 0.5  # ... and blue grows into it: 11:13 x 11:13 overlaps, red has the higher value
+    out[0, 2] = 1.0  # a padding slot: ignored
+    base = layer_colours(x, m, valid, out, out)
+    overlap = base[0, :, 11:13, 11:13].reshape(3, -1)
+    torch.testing.assert_close(overlap, red[:, None].expand_as(overlap))
+    blended = extend_colours(x, m, valid, out)[0, :, 11, 11]
+    assert (blended - red).abs().max() > 0.2  # what the blend did
+    torch.testing.assert_close(base[0, :, 13, 13], blue)  # blue's own growth
+    rim = base[0, :, 5:9, 4].reshape(3, -1)
+    torch.testing.assert_close(rim, red[:, None].expand_as(rim))  # rim repainted in the interior's colour
+    torch.testing.assert_close(base[0, :, 6, 6], x[0, :, 6, 6])  # interior: the input
+    covered = ((out[0, :2] > 0)).any(0)
+    torch.testing.assert_close(base[0][:, ~covered], x[0][:, ~covered])
+    G = SetGenerator(ngf=4, n_blocks=1, composite=True, paint="extend", sharp=True, layers=True, paint_init="zero")
+    with torch.no_grad():
+        y, b = G(x, m, valid)
+    hard = torch.where(b > 0, 1.0, -1.0)
+    u = ((torch.cat([m, hard], 1) > 0) & torch.cat([valid] * 2, 1)[..., None, None]).any(1, keepdim=True)
+    torch.testing.assert_close(y, torch.where(u, layer_colours(x, m, valid, hard, b), x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="layers"):
+        SetGenerator(ngf=8, n_blocks=1, paint="residual", layers=True)
