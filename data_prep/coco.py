@@ -102,9 +102,10 @@ def plan(args: argparse.Namespace) -> tuple[list, dict, list]:
         else:
             images[iid] = img
     anns: dict = defaultdict(lambda: {"a": [], "b": []})
-    seen_ann, skipped = set(), Counter()
+    seen_ann, skipped, annotated = set(), Counter(), set()
     for ann in data.get("annotations", []):
         aid, cid, iid = ann.get("id"), ann.get("category_id"), ann.get("image_id")
+        annotated.add(iid)
         where = f"{src}#annotation={aid}"
         if aid is not None and aid in seen_ann:
             quarantine.append(quarantine_row(iid, where, "duplicate_id", "annotation id repeated", "instance"))
@@ -130,7 +131,10 @@ def plan(args: argparse.Namespace) -> tuple[list, dict, list]:
                       split_of(str(iid), args), {d: by_dom[d] for d in "ab" if by_dom[d]},
                       {c: cats[c] for c in domain_of}, args.include_crowd))
     info = {"categories": {d: [cats[c] for c in ids] for d, ids in dom.items()},
-            "_skipped": dict(skipped), "inputs": {"annotations": src, "images": str(args.images)}}
+            "_skipped": dict(skipped), "inputs": {"annotations": src, "images": str(args.images)},
+            # images with no annotation of any category (an image_info json has none): unlabelled, not empty
+            "_unannotated": [(str(i), str(args.images / img["file_name"])) for i, img in images.items()
+                             if i not in annotated]}
     return tasks, info, quarantine
 
 

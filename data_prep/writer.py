@@ -125,6 +125,7 @@ def convert_all(tasks: list, fn: Callable[..., Result], opts: Options, out: Path
     counts: dict = defaultdict(lambda: {"images": 0, "instances": 0})
     hist: dict = defaultdict(Counter)
     info = dict(info)
+    info.pop("_unannotated", None)  # coco: for translation with predicted masks (instagan.inputs), not stored
     counters: Counter = Counter(info.pop("_skipped", {}))  # what the source set aside while listing inputs
     reasons: Counter = Counter()
     sizes: set[tuple[int, int]] = set()

@@ -46,7 +46,9 @@ class Source:
     kind: str  # parquet | folder | coco | images
     domain: str  # the translated domain (a or b)
     files: list[str] = field(default_factory=list)  # parquet: the part files
-    tasks: list[tuple] = field(default_factory=list)  # folder/coco: data_prep conversion tasks; images: (id, path)
+    # folder/coco: data_prep conversion tasks, and (id, path) image tasks of images without masks (resolve_input's
+    # unmasked); images: (id, path) image tasks
+    tasks: list[tuple] = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)  # inputs rejected while listing (duplicates, orphans...)
 
     def ids(self) -> list[str]:
@@ -69,8 +71,12 @@ def detect_kind(path: Path) -> str:
 
 def resolve_input(path: str | Path, kind: str = "auto", direction: str = "a2b", split: str | None = None,
                   images: str | Path | None = None, a: str | None = None, b: str | None = None,
-                  threshold: int = 128, min_area: int = 1) -> Source:
-    """List the images of `direction`'s source domain. Raises UsageError when the input itself is unusable."""
+                  threshold: int = 128, min_area: int = 1, unmasked: bool = False) -> Source:
+    """List the images of `direction`'s source domain. Raises UsageError when the input itself is unusable.
+
+    unmasked (translation with predicted masks): a folder's images without any mask file, and the images of a
+    `<phase>A` folder with no `_seg` sibling, and a COCO json's images without any annotation are listed too, as
+    (id, path) tasks of rows without masks, instead of being reported as `no_instances` or left out."""
     if direction not in SOURCE_DOMAIN:
         raise UsageError(f"--direction must be a2b or b2a, got {direction!r}")
     path, domain = Path(path), SOURCE_DOMAIN[direction]
@@ -82,9 +88,22 @@ def resolve_input(path: str | Path, kind: str = "auto", direction: str = "a2b", 
     if kind == "folder":
         args = argparse.Namespace(root=path, phases=split, a_name="A", b_name="B", threshold=threshold,
                                   min_area=min_area)
-        tasks, _, problems = folder.plan(args)
+        bare = _bare_folders(path, split, domain) if unmasked else {}
+        try:
+            tasks, _, problems = folder.plan(args)
+        except UsageError:
+            if not bare:
+                raise
+            tasks, problems = [], []
         tasks = [t for t in tasks if t[4] == domain]
-        phases = sorted({t[3] for t in tasks})
+        phases = {t[3] for t in tasks}
+        if unmasked:  # images without masks: (id, path) image tasks, their masks predicted
+            lone = [(q["id"], q["source"]) for q in problems if q["reason"] == "no_instances"
+                    and Path(q["source"]).parent.name[-1:] == domain.upper()]
+            problems = [q for q in problems if q["reason"] != "no_instances"]
+            phases |= {Path(p).parent.name[:-1] for _, p in lone} | set(bare)
+            tasks += lone + [(stem, str(f)) for files in bare.values() for stem, f in files.items()]
+        phases = sorted(phases)
         if len(phases) > 1:
             raise UsageError(f"{path} holds several phases ({', '.join(phases)}): pick one with --split")
         dirs = {f"{p}{domain.upper()}" for p in phases} | {f"{p}{domain.upper()}_seg" for p in phases}
@@ -95,14 +114,29 @@ def resolve_input(path: str | Path, kind: str = "auto", direction: str = "a2b", 
             raise UsageError("COCO input needs --images, --a and --b (the categories of domains a and b)")
         args = argparse.Namespace(annotations=path, images=Path(images), a=a, b=b, exclusive=False,
                                   include_crowd=False, min_area=min_area, test_fraction=0.0, seed=0, split="all")
-        tasks, _, problems = coco.plan(args)
+        tasks, info, problems = coco.plan(args)
         tasks = [(*t[:5], {domain: t[5][domain]}, *t[6:]) for t in tasks if domain in t[5]]
+        if unmasked:
+            tasks += info["_unannotated"]
         ids = {str(t[0]) for t in tasks}
         return Source("coco", domain, tasks=tasks,
                       problems=[q for q in problems if q["id"] in ids or q["kind"] == "image"])
     if kind == "images":
         return _image_folder(path, domain)
     raise UsageError(f"--kind must be parquet, folder, coco or images, got {kind!r}")
+
+
+def _bare_folders(root: Path, split: str | None, domain: str) -> dict[str, dict[str, Path]]:
+    """An InstaGAN folder's `<phase>A` (domain a; B for b) folders that have no `_seg` sibling: phase -> images by
+    stem (the phases in `split`, comma-separated, if given)."""
+    phases = set(split.split(",")) if split else None
+    out = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = folder.PAIR.match(d.name)
+        if m and m["dom"] == domain.upper() and (not phases or m["phase"] in phases) \
+                and not (root / f"{d.name}_seg").is_dir():
+            out[m["phase"]] = folder.by_stem(d, [], "image")
+    return out
 
 
 def _image_folder(path: Path, domain: str) -> Source:
@@ -182,14 +216,10 @@ def iter_input_rows(source: Source, skip_ids: Iterable[str] = ()) -> Iterator[di
     for q in source.problems:
         yield {"id": q["id"], "image": None, "height": 0, "width": 0, "masks": [], "source": q["source"],
                "problems": json.dumps([q])}
-    if source.kind == "images":
-        yield from (image_row(t) for t in source.tasks if t[0] not in skip)
-        return
     if source.kind != "parquet":
-        fn = {"folder": folder.convert, "coco": coco.convert}[source.kind]
         for task in source.tasks:
             if str(task[0]) not in skip:
-                yield from _convert(task, fn)
+                yield from task_rows(task, source.kind)
         return
     for f in source.files:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=parquet_columns(f)):
@@ -208,10 +238,15 @@ def convert_tasks(batch: pa.Table, kind: str) -> pa.Table:
     """Ray Data map function: pickled data_prep tasks (image folder: (id, path)) -> rows in ROWS (failed images
     with image null)."""
     tasks = [pickle.loads(t) for t in batch["task"].to_pylist()]
-    if kind == "images":
-        return pa.Table.from_pylist([image_row(t) for t in tasks], schema=ROWS)
-    fn = {"folder": folder.convert, "coco": coco.convert}[kind]
-    return pa.Table.from_pylist([r for t in tasks for r in _convert(t, fn)], schema=ROWS)
+    return pa.Table.from_pylist([r for t in tasks for r in task_rows(t, kind)], schema=ROWS)
+
+
+def task_rows(task: tuple, kind: str) -> list[dict]:
+    """One listed task -> its ROWS rows: an (id, path) image task (an image folder's, or an image listed without
+    masks) -> one row without masks; a folder/coco conversion task -> data_prep's rows (or one failed row)."""
+    if len(task) == 2:
+        return [image_row(task)]
+    return _convert(task, {"folder": folder.convert, "coco": coco.convert}[kind])
 
 
 class BadRow(Exception):

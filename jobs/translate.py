@@ -20,9 +20,11 @@ Masks (--masks): `given` (the default) translates with the input's masks; `predi
 segmenter (--segmenter: torchvision's COCO Mask R-CNN weights file, downloaded once, or a checkpoint of
 jobs/train_segmenter.py; --category: the COCO name or id, or the segmenter's own class; --score-threshold,
 --min-instance-area; at most --ins-max instances per image), ignoring any given masks; `auto` predicts only for
-images without masks (a plain image folder, Parquet rows with no masks). Each actor loads the segmenter beside its
-Translator (on --device), or, with --segment-actors N, N segmenter actors of --cpus-per-segment-actor CPUs form a
-stage of their own whose batches stream into the translate actors (README: which is faster where). Predicted
+images without masks (a plain image folder, Parquet rows with no masks, an InstaGAN folder's images without mask
+files or whose <phase>A folder has no _seg sibling, a COCO json's images without any annotation). Each actor loads
+the segmenter beside its Translator (on --device), or, with --segment-actors N, N segmenter actors of
+--cpus-per-segment-actor CPUs form a stage of their own whose batches stream into the translate actors (README:
+which is faster where). Predicted
 masks are written beside the translated ones (columns predicted, input_masks, scores, segmenter, segment_s); an
 image where nothing is found is listed in the skipped report with the reason no_instances_detected.
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(str(err)) from None
         check_segmenter(args)
         source = inputs.resolve_input(args.input, args.kind, args.direction, args.split, args.images, args.a,
-                                      args.b, args.threshold)
+                                      args.b, args.threshold, unmasked=args.masks != "given")
         if source.kind == "images" and args.masks == "given":
             raise UsageError(f"{args.input} is a folder of images without masks: pass --masks predict (or auto) "
                              f"and --segmenter")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -126,6 +127,48 @@ def test_coco_rows_come_from_data_prep_readers():
     assert {r["id"]: len(r["masks"]) for r in rows} == {k: v for k, v in want.items() if k != "0"}
     img, masks = read_sample(rows[0])
     assert img.shape == (600, 800, 3) and masks.shape[1:] == (600, 800)
+
+
+def test_unmasked_listing_keeps_images_without_masks_for_the_segmenter(tmp_path):
+    """resolve_input(unmasked=True), what --masks predict|auto list: an InstaGAN folder's image without any mask file
+    and every image of a `<phase>A` folder without `_seg` come as rows without masks (not `no_instances`, not left
+    out), beside the masked rows; a COCO json's images without any annotation come too, its images annotated with
+    other categories only do not. Without unmasked, nothing changes."""
+    img = png(np.zeros((8, 8, 3), np.uint8))
+    for sub in ("testA", "testA_seg", "trainA"):
+        (tmp_path / "set" / sub).mkdir(parents=True)
+    for stem in ("m", "bare"):
+        (tmp_path / "set" / "testA" / f"{stem}.png").write_bytes(img)
+    (tmp_path / "set" / "testA_seg" / "m_0.png").write_bytes(png(np.full((8, 8, 3), 255, np.uint8)))
+    (tmp_path / "set" / "trainA" / "t.png").write_bytes(img)
+    given = I.resolve_input(tmp_path / "set", split="test")
+    assert given.ids() == ["m"] and [q["reason"] for q in given.problems] == ["no_instances"]
+    listed = I.resolve_input(tmp_path / "set", split="test", unmasked=True)
+    rows = {r["id"]: r for r in I.iter_input_rows(listed)}
+    assert set(rows) == {"m", "bare"} and len(rows["m"]["masks"]) == 1
+    ray_rows = I.convert_tasks(pa.table({"task": [pickle.dumps(t) for t in listed.tasks]}), "folder").to_pylist()
+    assert {r["id"]: r for r in ray_rows} == rows  # the Ray Data path (read_input's map function) reads the same
+    assert rows["bare"]["masks"] == [] and rows["bare"]["image"] == img and not rows["bare"]["problems"]
+    rows = list(I.iter_input_rows(I.resolve_input(tmp_path / "set", split="train", unmasked=True)))
+    assert [(r["id"], r["masks"]) for r in rows] == [("t", [])]
+    with pytest.raises(UsageError, match="no <phase>A"):
+        I.resolve_input(tmp_path / "set", split="train")
+
+    data = json.loads((DATA / "fruits_nuts_coco" / "trainval.json").read_text())
+    fig = next(c["id"] for c in data["categories"] if c["name"] == "fig")
+    first = data["images"][0]
+    data["images"].append({**first, "id": 9001})  # listed, never annotated: unlabelled
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first["id"] or a["category_id"] != fig]
+    other_only = first["id"] if any(a["image_id"] == first["id"] for a in data["annotations"]) else None
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    kw = dict(direction="b2a", images=DATA / "fruits_nuts_coco" / "images", a="date", b="fig")
+    plain = I.resolve_input(tmp_path / "c.json", **kw).ids()
+    listed = I.resolve_input(tmp_path / "c.json", unmasked=True, **kw)
+    assert "9001" not in plain and listed.ids() == plain + ["9001"]
+    if other_only is not None:  # annotated, but with no fig: not a fig image, left out either way
+        assert str(other_only) not in listed.ids()
+    row = next(r for r in I.iter_input_rows(listed) if r["id"] == "9001")
+    assert row["masks"] == [] and row["image"] is not None and row["height"] == first["height"]
 
 
 def test_unusable_inputs_are_usage_errors(tmp_path, parquet_set):
