@@ -231,7 +231,7 @@ def _boxes(masks: Tensor) -> Tensor:
 # ---- does the image follow the masks? ---------------------------------------------------------------------
 
 def follow(ckpt: str | Path, data_root: str | Path, split: str = "test", images: int = 60,
-           tol: float = 0.2) -> dict[str, float]:
+           tol: float = 0.2, sets: dict | None = None, no_change: bool = False) -> dict[str, float]:
     """How far a checkpoint's a->b IMAGE follows its translated masks, per test instance (flat-coloured sets):
     - mask_target: share of translated masks that read as the target shape (the `mask_shape` question, alone);
       mask_target_largest: the same asked of each mask's largest 8-connected component; stray: mean share of a
@@ -240,13 +240,26 @@ def follow(ckpt: str | Path, data_root: str | Path, split: str = "test", images:
       in the image does too (`metrics.flat_instance_shapes`);
     - grown_dist, grown_within_tol: over the pixels a translated mask added, the mean largest-channel distance of
       the translated image to the object's input colour (median), and the share within `tol` (the metrics'
-      tolerance); object_drift: share of the object's own input pixels whose colour moved by more than `tol`."""
+      tolerance); object_drift: share of the object's own input pixels whose colour moved by more than `tol`;
+    - img_target: share of all instances whose colour region reads as the target shape (`img_shape`'s question).
+    sets: config keys changed before the generator is built ({"model.layers": True}: the same weights with another
+    base); no_change: the image decoder's change zeroed, so the image is the paint's base alone (what the base
+    gives without the decoder's change)."""
     from instagan import metrics as Mt
 
     cfg, payload = checkpoint.load(ckpt, "cpu")
+    if sets:
+        cfg = cfg.replace(**sets)
     G = build_networks(cfg)["G_ab"]
     G.load_state_dict(payload["G_ab"])
     G.eval()
+    if no_change:
+        if G.paint not in ("residual", "extend"):
+            raise ValueError(f"no_change needs model.paint residual or extend (a change of a base), got {G.paint!r}")
+        last = [m for m in G.dec_img.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
     batches, _ = Mt.load_split(data_root, split, "a", cfg.data.size, images)
     return follow_stats([(batch, Mt.translate(G, batch, 20, 2)[0]) for batch in batches], tol)
 
@@ -276,7 +289,8 @@ def follow_stats(pairs: list, tol: float = 0.2) -> dict[str, float]:
     mean = (lambda v: float(np.mean(v)) if len(v) else float("nan"))
     return {"instances": len(rows), "mask_target": mean([r["mask"] for r in rows]),
             "mask_target_largest": mean([r["largest"] for r in rows]), "stray": mean([r["stray"] for r in rows]),
-            "img_target_given_mask": mean([r["img"] for r in hit]), "grown_dist": mean(grown),
+            "img_target_given_mask": mean([r["img"] for r in hit]), "img_target": mean([r["img"] for r in rows]),
+            "grown_dist": mean(grown),
             "grown_within_tol": mean(grown <= tol), "object_drift": mean([r["drift"] for r in rows])}
 
 

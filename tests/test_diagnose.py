@@ -105,3 +105,23 @@ def test_follow_reads_an_image_that_follows_its_masks_and_one_that_does_not():
         frag[b, 0, far[0]:far[0] + 2, far[1]:far[1] + 2] = 1
     spoilt = follow_stats([(batch, SimpleNamespace(img=painted, masks=frag))])
     assert spoilt["mask_target"] < 1 and spoilt["mask_target_largest"] == 1 and spoilt["stray"] > 0, spoilt
+
+
+def test_follow_can_zero_the_decoders_change_and_swap_lever_keys(run, capsys):
+    """jobs/diagnose.py --follow: with --no-change a residual painter's image is the input itself, so fewer object
+    pixels drift from their colour than with the trained change (4 steps from the noisy init); --set swaps a lever
+    key on the same weights, and a key the weights cannot take (or --no-change on a direct painter) is an error,
+    exit 2."""
+    ckpt = str(sorted((run / "run").glob("checkpoint_step*"))[-1])
+    base = ["--follow", ckpt, "--data-root", str(run / "data")]
+    assert diagnose_job.main(base) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert diagnose_job.main(base + ["--no-change"]) == 0
+    zero = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert zero["instances"] == trained["instances"] > 0 and zero["mask_target"] == trained["mask_target"]
+    assert zero["object_drift"] < trained["object_drift"]
+    assert 0 <= zero["img_target"] <= 1
+    assert diagnose_job.main(base + ["--set", "model.paint=direct", "--no-change"]) == 2
+    assert diagnose_job.main(base + ["--set", "model.layers=true"]) == 2  # layers needs paint extend
+    assert diagnose_job.main(base + ["--set", "model.ngf=4"]) == 2  # other weights
+    assert "error:" in capsys.readouterr().err
