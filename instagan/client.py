@@ -43,26 +43,34 @@ def png_bytes(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_body(image: bytes, masks: Iterable[bytes]) -> bytes:
-    """Encoded image file bytes and mask PNG bytes -> the JSON body of POST /translate."""
+def make_body(image: bytes, masks: Iterable[bytes] | None) -> bytes:
+    """Encoded image file bytes and mask PNG bytes -> the JSON body of POST /translate; masks None leaves the key
+    out (a server with a segmenter predicts them)."""
     b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
-    return json.dumps({"image": b64(image), "masks": [b64(m) for m in masks]}).encode()
+    body = {"image": b64(image)} if masks is None else {"image": b64(image), "masks": [b64(m) for m in masks]}
+    return json.dumps(body).encode()
 
 
 def read_items(path: str | Path, direction: str = "a2b", split: str | None = None, kind: str = "auto",
                images: str | None = None, a: str | None = None, b: str | None = None,
-               threshold: int = 128) -> Iterator[tuple[str, bytes | str]]:
+               threshold: int = 128, unmasked: bool = False) -> Iterator[tuple[str, bytes | str]]:
     """Yield (id, body) for each image of `direction`'s source domain, read by jobs/translate.py's readers (Parquet
-    set, InstaGAN folder, COCO json); body is a str, the reason, for an input those readers rejected. The stored
-    image bytes are sent as they are, masks as PNGs. Lazy. Raises UsageError when the input itself is unusable."""
-    return _bodies(resolve_input(path, kind, direction, split, images, a, b, threshold))  # raises here, not later
+    set, InstaGAN folder, COCO json, image folder); body is a str, the reason, for an input those readers rejected.
+    The stored image bytes are sent as they are, masks as PNGs. unmasked (a server with a segmenter): images without
+    masks are listed too (`resolve_input`'s unmasked) and sent without the "masks" key, so the server predicts them.
+    Lazy. Raises UsageError when the input itself is unusable."""
+    source = resolve_input(path, kind, direction, split, images, a, b, threshold, unmasked=unmasked)  # raises now
+    return _bodies(source, unmasked)
 
 
-def _bodies(source) -> Iterator[tuple[str, bytes | str]]:
+def _bodies(source, unmasked: bool = False) -> Iterator[tuple[str, bytes | str]]:
     for row in iter_input_rows(source):
         problems = json.loads(row.get("problems") or "[]")
         if row["image"] is None:
             yield row["id"], "; ".join(f"{q['reason']}: {q['detail']}" for q in problems) or "unreadable"
+            continue
+        if unmasked and not row["masks"]:
+            yield row["id"], make_body(row["image"], None)
             continue
         try:
             masks = decode_masks(row["masks"] or [], row["height"], row["width"])
@@ -136,9 +144,15 @@ def bounded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[o
 
 
 def write_result(out: Path, iid: str, answer: dict) -> None:
-    (out / "images" / f"{iid}.png").write_bytes(base64.b64decode(answer["image"]))
-    for k, m in enumerate(answer["masks"]):
-        (out / "masks" / f"{iid}_{k}.png").write_bytes(base64.b64decode(m))
+    """<out>/images/<id>.png, <out>/masks/<id>_<k>.png, and for masks the server predicted
+    <out>/predicted_masks/<id>_<k>.png (masks[k] translates predicted_masks[k]); ids with a / make sub-folders."""
+    files = {out / "images" / f"{iid}.png": answer["image"]}
+    files.update({out / "masks" / f"{iid}_{k}.png": m for k, m in enumerate(answer["masks"])})
+    files.update({out / "predicted_masks" / f"{iid}_{k}.png": m
+                  for k, m in enumerate(answer.get("predicted_masks") or [])})
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
 
 
 def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out: str | Path, concurrency: int = 8,
@@ -162,7 +176,8 @@ def translate_collection(url: str, items: Iterable[tuple[str, bytes | str]], out
             write_result(out, iid, answer)
         except (OSError, ValueError, KeyError) as e:
             return {**rec, "error": f"could not write the result: {type(e).__name__}: {e}"}
-        return {**rec, "masks": len(answer["masks"]), "translated": sum(answer["translated"])}
+        return {**rec, "masks": len(answer["masks"]), "translated": sum(answer["translated"]),
+                **({"predicted": True} if answer.get("predicted") else {})}
 
     t0, ok, failed = time.perf_counter(), 0, {}
     bar = tqdm(desc="[client] translated", unit="image", disable=not progress, file=sys.stderr,

@@ -11,10 +11,13 @@
 of --direction (default: the direction the server translates, from its /healthz). Results go to
 <out>/images/<id>.png and <out>/masks/<id>_<k>.png (mask k translates input mask k), one line per item in
 <out>/results.jsonl (status and latency, or the error: HTTP status, or null for an input the readers rejected); a
-failed item is reported and the rest go on. At most --concurrency requests are in flight: firing a whole collection
-at Serve at once collapses its throughput. Connection errors and 502-504 (503: Serve's back-pressure) are retried;
-other 4xx and 500 are not. --api-key-env NAME sends the key in that environment variable (a server started with
---api-key-env) as X-API-Key; a missing or wrong key is found before the first item is sent (exit 2).
+failed item is reported and the rest go on. A server started with --segmenter (its /healthz says so) also gets the
+images that have no masks (a plain image folder, a folder image without mask files, an unannotated COCO image), sent
+without masks: it predicts them, and they are written to <out>/predicted_masks/<id>_<k>.png. At most --concurrency
+requests are in flight: firing a whole collection at Serve at once collapses its throughput. Connection errors and
+502-504 (503: Serve's back-pressure) are retried; other 4xx and 500 are not. --api-key-env NAME sends the key in
+that environment variable (a server started with --api-key-env) as X-API-Key; a missing or wrong key is found
+before the first item is sent (exit 2).
 
 Bench mode (--bench N) sends N requests cycling over the input's items (bodies encoded once, beforehand) after
 --warmup requests, writes nothing, and prints latency percentiles (client-side, per request) and images/s.
@@ -61,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
               "NAME, never the key itself)", file=sys.stderr)
         return 2
     try:
-        served = check_server(args.url, api_key=api_key).get("direction")
+        health = check_server(args.url, api_key=api_key)
+        served = health.get("direction")
         if args.direction and served and args.direction != served:
             print(f"[client] note: the server translates {served}; sending the source domain of {args.direction}",
                   file=sys.stderr)
         items = read_items(args.input, args.direction or served or "a2b", args.split, args.kind, args.images,
-                           args.a, args.b)
+                           args.a, args.b, unmasked=bool(health.get("segmenter")))
         if args.bench:
             bodies = [b for _, b in items if isinstance(b, bytes)]
             if not bodies:

@@ -472,3 +472,33 @@ def test_a_bad_segmenter_stops_the_serve_job_before_serve_starts(ckpt, tmp_path,
                          (["--segmenter", str(path), "--score-threshold", "2"], "score threshold must be in [0, 1]")):
         assert serve_job.main(["--checkpoint", str(ckpt), *extra]) == 2
         assert words in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_client_sends_images_without_masks_to_a_server_that_predicts_them(seg_url, tmp_path):
+    """jobs/serve_client.py against a server with a segmenter: an InstaGAN folder whose images half have mask files
+    and half have none; every image comes back translated, the maskless ones with their predicted masks written
+    to predicted_masks/ and flagged in results.jsonl, the others with their own masks."""
+    from instagan.synthetic import make_image
+
+    for sub in ("testA", "testA_seg"):
+        (tmp_path / "src" / sub).mkdir(parents=True)
+    for n, i in enumerate(SEG_IDS):
+        img, masks = make_image("a", i, 64)
+        Image.fromarray(img).save(tmp_path / "src" / "testA" / f"{i}.png")
+        if n % 2 == 0:
+            for k, m in enumerate(masks):
+                Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "src" / "testA_seg" / f"{i}_{k}.png")
+    out = tmp_path / "out"
+    assert serve_client.main(["--url", seg_url, "--input", str(tmp_path / "src"), "--out", str(out)]) == 0
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {str(i) for i in SEG_IDS} and all(r["status"] == 200 for r in rows.values())
+    for n, i in enumerate(SEG_IDS):
+        predicted = sorted((out / "predicted_masks").glob(f"{i}_*.png")) if (out / "predicted_masks").exists() else []
+        translated = sorted((out / "masks").glob(f"{i}_*.png"))
+        assert (out / "images" / f"{i}.png").exists()
+        if n % 2 == 0:
+            assert not predicted and "predicted" not in rows[str(i)]
+            assert len(translated) == len(make_image("a", i, 64)[1])
+        else:
+            assert rows[str(i)]["predicted"] is True and len(predicted) == len(translated) >= 1
