@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [(make_inputs(args.batch, args.ins, args.size, gen), make_inputs(args.batch, args.ins, args.size, gen))
                for _ in range(2)]
-    amp = amp_dtype(args.amp)
+    amp = amp_dtype(args.amp, device)
 
     def step(i: int) -> dict:
         return train_step(state, *batches[i % 2], amp_dtype=amp)

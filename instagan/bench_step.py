@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from instagan import losses as L
 from instagan import masks as M
-from instagan.config import Config, amp_dtype
+from instagan.config import Config, amp_dtype, native_bf16
 from instagan.memory import ReflectionPad2d
 from instagan.networks import NarrowConv2d
 from instagan.pool import HistoryPool
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m instagan.bench_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=7, help="timed steps of each (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
-    p.add_argument("--amp", nargs="+", choices=("none", "bf16"), default=["none", "bf16"])
+    p.add_argument("--amp", nargs="+", choices=("none", "bf16", "auto"),
+                   default=["none", "bf16"] if native_bf16() else ["none"], help="bf16 by default where native")
     p.add_argument("--compile", action="store_true", help="the project's step with train.compile")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)

@@ -373,7 +373,7 @@ def train_step(state: TrainState, batch_a: dict[str, Tensor], batch_b: dict[str,
     """
     cfg, dev = state.cfg, state.device
     t = cfg.train
-    amp_dtype = amp_dtype or config_amp(t.amp)
+    amp_dtype = amp_dtype or config_amp(t.amp, dev)
     union = cfg.model.arch != "instagan"
     a, b = prepare_batch(batch_a, t.ins_max, dev, union), prepare_batch(batch_b, t.ins_max, dev, union)
     # The baselines translate all instances (their union) in one step, whatever count the ranks agreed on.

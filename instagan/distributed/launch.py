@@ -29,7 +29,7 @@ DEFAULT = {
               "mask_cond": True, "d_mask": True, "paint_init": "zero"},
     "loss": {"lambda_seg": 2},
     "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "epochs": 1, "epochs_decay": 2, "pool_size": 50,
-              "seed": 0, "amp": "bf16"},
+              "seed": 0, "amp": "auto"},
     "data": {"root": "", "size": 64, "load_size": 72},
     "run": {"name": "tiny_synthetic", "workers": 2, "cpus_per_worker": 0.5, "max_steps": 300, "log_every": 10,
             "image_every": 100, "checkpoint_every": 100, "num_to_keep": 2, "max_failures": 1},

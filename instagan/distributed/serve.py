@@ -405,7 +405,7 @@ class InstaGANServer:
         if threads > 0:
             torch.set_num_threads(threads)
         self.tr = Translator.from_checkpoint(checkpoint, direction, ins_max=ins_max, ins_per=ins_per, device=device,
-                                             amp_dtype=amp_dtype(amp), compile=compile)
+                                             amp_dtype=amp_dtype(amp, device), compile=compile)
         self.direction, self.size, self.max_batch = direction, size, max_batch
         self.limits = Limits(**(limits or {}))
         self.seg, self.seg_info = None, None

@@ -221,7 +221,7 @@ class TranslateActor:
         if threads:
             torch.set_num_threads(threads)
         self.tr = Translator.from_checkpoint(checkpoint, direction=direction, ins_max=ins_max, ins_per=ins_per,
-                                             device=device, amp_dtype=amp_dtype(amp), compile=compile)
+                                             device=device, amp_dtype=amp_dtype(amp, device), compile=compile)
         seg = None
         if masks != "given":
             from instagan.segment import InstanceSegmenter
