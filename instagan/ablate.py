@@ -24,6 +24,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def ensure_data(root: str | Path, n: int = DATA["n"], size: int = DATA["size"], 
     write_synthetic(root, n=n, size=size, seed=seed, test_fraction=test_fraction,
                     workers=min(2, os.cpu_count() or 1))
     return root
+
+
+def _exit_with_parent(every_s: float = 2.0) -> None:
+    """Worker initializer: exit when the harness process is gone (killed, not just interrupted: Ctrl-C reaches the
+    whole process group), so a stopped harness leaves no training burning CPU for the rest of its budget."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _train(name: str, cfg_dict: dict, folder: str, budget_cpu_s: float, points: int, threads: int) -> dict:
@@ -166,7 +180,7 @@ def _train_and_evaluate(cfgs: dict[str, Config], out: Path, data_root: Path, bud
     """Train the recipes not trained yet, `parallel` processes at once, then evaluate every checkpoint.
     -> ({name: [curve point]}, {name: floor rows of its last checkpoint})."""
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_exit_with_parent) as pool:
         jobs = {}
         for name, cfg in cfgs.items():
             if _finished(out / "runs" / name, budget_cpu_s):

@@ -1,6 +1,7 @@
 """The quality harness end to end on a tiny budget: equal CPU seconds per recipe, curves, grid, metrics.json."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,45 @@ def test_harness_trains_each_recipe_for_the_same_cpu_budget_and_writes_its_repor
     # A second run with the same --out reuses what was trained for this budget.
     assert ablate_job.main(argv) == 0
     assert "already trained" in capsys.readouterr().out
+
+
+def test_a_killed_harness_leaves_no_training_running(tmp_path):
+    """The harness trains in worker processes; killed (SIGKILL: no chance to clean up), its workers exit too
+    instead of training on for the rest of their budget."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    write_synthetic(tmp_path / "data", n=8, size=72, test_fraction=0.25)
+    harness = subprocess.Popen([sys.executable, "-m", "jobs.ablate", "--budget-cpu-min", "30", "--recipes",
+                                "instagan", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not any((tmp_path / "out" / "runs").glob("*/config.json")):
+            time.sleep(0.5)
+        workers = psutil.Process(harness.pid).children(recursive=True)
+        assert workers, "the harness started no worker process"
+    finally:
+        harness.kill()
+        harness.wait()
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(running(p) for p in workers):
+        time.sleep(0.5)
+    left = [p for p in workers if running(p)]
+    for p in left:
+        p.kill()
+    assert not left, f"{len(left)} worker(s) still running after the harness was killed"
 
 
 @pytest.mark.slow
