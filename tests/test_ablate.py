@@ -71,7 +71,7 @@ def test_a_killed_harness_leaves_no_training_running(tmp_path):
                                cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
-        deadline, workers = time.monotonic() + 120, []
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any((tmp_path / "out" / "runs").glob("*/config.json")):
             time.sleep(0.5)
         workers = psutil.Process(harness.pid).children(recursive=True)

@@ -26,8 +26,7 @@ from instagan.storage import write_text
 # images, 2 CPU workers at half a CPU each, about 10 minutes on a 2-core machine, then the test metrics.
 DEFAULT = {
     "model": {"ngf": 16, "ndf": 16, "n_blocks": 2, "composite": True, "paint": "extend", "sharp": True,
-              "mask_cond": True, "d_mask": True, "paint_init": "zero",
-              "layers": True},
+              "mask_cond": True, "d_mask": True, "paint_init": "zero", "layers": True},
     "loss": {"lambda_seg": 2},
     "train": {"ins_max": 4, "ins_per": 2, "batch_size": 2, "epochs": 1, "epochs_decay": 2, "pool_size": 50,
               "seed": 0, "amp": "auto"},
